@@ -1,0 +1,1 @@
+"""ReFDRN / ReVoxelMorph bundle scripts: registration backbones, the REM cascade and its losses."""

@@ -1,0 +1,144 @@
+"""Every rem_sr config end to end through MONAI's bundle runner, on tiny volumes and on nibabel's
+anatomical.nii, on CPU."""
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import load_bundle_scripts, run_bundle, save_nifti
+
+TINY_TRAIN = {"patch_size": [16, 16, 16], "batch_size": 2, "max_iterations": 4, "val_interval": 2,
+              "val_roi_size": [24, 24, 24], "num_workers": 0, "rem_k": 4, "rem_n": 2}
+TINY_NET = {"rem_k": 4, "rem_n": 2}
+
+
+@pytest.fixture(scope="module")
+def trained(brain_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rem_train")
+    result = run_bundle("rem_sr", ["train.json"], {**TINY_TRAIN, "dataset_dir": str(brain_data),
+                        "datalist": str(brain_data / "datalist.json"), "ckpt_dir": str(out / "models"),
+                        "log_dir": str(out / "logs")})
+    return out, result
+
+
+def test_train_writes_cpu_state_dict_and_logs(trained):
+    out, result = trained
+    assert "val_psnr" in result.stdout + result.stderr
+    state = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert all(v.device.type == "cpu" for v in state.values())
+    networks = load_bundle_scripts("rem_sr", "networks")
+    networks.REM(k=4, n=2).load_state_dict(state, strict=True)
+    assert (out / "models" / "checkpoint_final.pt").exists()
+    assert any((out / "logs").glob("events.out.tfevents*"))
+
+
+def test_train_resumes_from_checkpoint(trained, brain_data):
+    out, _ = trained
+    result = run_bundle("rem_sr", ["train.json"], {**TINY_TRAIN, "max_iterations": 6, "dataset_dir": str(brain_data),
+                        "datalist": str(brain_data / "datalist.json"), "ckpt_dir": str(out / "models"),
+                        "log_dir": str(out / "logs"), "resume_from": str(out / "models" / "checkpoint_final.pt")})
+    log = result.stdout + result.stderr
+    assert "Restored all variables" in log, log[-3000:]
+    # iterations 1-4 came from the checkpoint: only epoch 3 (iterations 5-6) runs
+    assert "Epoch: 3/3, Iter: 1/2" in log and "Epoch: 1/3" not in log, log[-3000:]
+
+
+def test_inference_writes_lr_sr_hr_on_the_reference_grid(trained, brain_data, tmp_path):
+    out, _ = trained
+    run_bundle("rem_sr", ["inference.json"], {**TINY_NET, "dataset_dir": str(brain_data),
+               "datalist": str(brain_data / "datalist_lr_x2.json"), "scale": 2,
+               "ckpt_path": str(out / "models" / "model.pt"), "output_dir": str(tmp_path), "roi_size": [24, 24, 24]})
+    case = tmp_path / "lr_syn3_T1w"
+    sr = nib.load(str(case / "lr_syn3_T1w_sr.nii.gz"))
+    hr = nib.load(str(brain_data / "syn3_T1w.nii.gz"))
+    assert sr.shape == hr.shape
+    assert np.allclose(sr.affine, hr.affine, atol=1e-4)
+    assert (case / "lr_syn3_T1w_lr.nii.gz").exists() and (case / "lr_syn3_T1w_hr.nii.gz").exists()
+    assert not list(tmp_path.rglob(".partial-*"))
+    anat_sr = nib.load(str(tmp_path / "lr_anatomical_T1w" / "lr_anatomical_T1w_sr.nii.gz"))
+    assert anat_sr.shape == (32, 40, 24) and np.isfinite(anat_sr.get_fdata()).all()
+
+
+def test_inference_on_users_own_file_with_target_spacing(trained, tmp_path):
+    """A user's LR file (nibabel's 2 mm anatomical.nii, raw int16 units) upsampled to 1 mm."""
+    out, _ = trained
+    from tests.helpers import ANATOMICAL
+
+    datalist = tmp_path / "mine.json"
+    datalist.write_text(json.dumps({"test": [{"image": str(ANATOMICAL)}]}))
+    run_bundle("rem_sr", ["inference.json"], {**TINY_NET, "datalist": str(datalist), "dataset_dir": str(tmp_path),
+               "target_spacing": 1.0, "ckpt_path": str(out / "models" / "model.pt"),
+               "output_dir": str(tmp_path / "out"), "roi_size": [32, 32, 32]})
+    sr = nib.load(str(tmp_path / "out" / "anatomical" / "anatomical_sr.nii.gz"))
+    src = nib.load(str(ANATOMICAL))
+    assert sr.shape == tuple(2 * s for s in src.shape)
+    assert np.allclose(sr.header.get_zooms()[:3], 1.0)
+    # the intensities stay in the input's units (not the network's [0, 1])
+    assert sr.get_fdata().max() > 10 * 1.0
+
+
+def test_evaluate_writes_tables_and_figure(trained, brain_data, tmp_path):
+    out, _ = trained
+    result = run_bundle("rem_sr", ["evaluate.json"], {**TINY_NET, "dataset_dir": str(brain_data),
+                        "datalist": str(brain_data / "datalist.json"), "ckpt_path": str(out / "models" / "model.pt"),
+                        "output_dir": str(tmp_path), "roi_size": [24, 24, 24]})
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert len(rows) == 2 * 2 * 4  # cases x scales x methods
+    assert {r["method"] for r in rows} == {"nearest", "trilinear", "bspline", "rem"}
+    syn = [r for r in rows if r["case"] == "syn3" and r["scale"] == "2"]
+    assert all(np.isfinite(float(r["psnr_brain"])) for r in syn)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["per_scale"]) == {"x2", "x4"}
+    assert "rem_minus_trilinear" in summary["per_scale"]["x4"]["gains_db"]
+    assert (tmp_path / "sr_comparison.png").stat().st_size > 10_000
+    assert "Trilinear" in result.stdout
+    assert "| x4 | REM |" in (tmp_path / "results.md").read_text()
+
+
+def test_multi_gpu_train_with_two_gloo_processes(brain_data, tmp_path):
+    result = run_bundle("rem_sr", ["train.json", "multi_gpu_train.json"], {**TINY_TRAIN, "dataset_dir": str(brain_data),
+                        "datalist": str(brain_data / "datalist.json"), "ckpt_dir": str(tmp_path / "models"),
+                        "log_dir": str(tmp_path / "logs")}, torchrun_nproc=2)
+    assert (tmp_path / "models" / "model.pt").exists()
+    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert not any(k.startswith("module.") for k in state)
+
+
+@pytest.mark.parametrize("problem", ["nan", "missing", "not3d", "too_small"])
+def test_inference_rejects_bad_input_without_writing(trained, tmp_path, problem):
+    out, _ = trained
+    path = tmp_path / "input.nii.gz"
+    if problem == "nan":
+        data = np.ones((8, 8, 8), np.float32)
+        data[0, 0, 0] = np.nan
+        save_nifti(data, path)
+        expected = "NaN"
+    elif problem == "not3d":
+        nib.save(nib.Nifti1Image(np.ones((8, 8), np.float32), np.eye(4)), str(path))
+        expected = "expected a 3D volume"
+    elif problem == "too_small":
+        save_nifti(np.ones((8, 8, 2), np.float32), path)
+        expected = "smaller than the minimum"
+    else:
+        expected = "file not found"
+    (tmp_path / "dl.json").write_text(json.dumps({"test": [{"image": str(path)}]}))
+    result = run_bundle("rem_sr", ["inference.json"], {**TINY_NET, "datalist": str(tmp_path / "dl.json"),
+                        "dataset_dir": str(tmp_path), "ckpt_path": str(out / "models" / "model.pt"),
+                        "output_dir": str(tmp_path / "out")}, check=False)
+    assert result.returncode != 0
+    assert expected in result.stderr and str(path) in result.stderr
+    assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+
+
+def test_inference_rejects_weights_of_another_architecture(trained, brain_data, tmp_path):
+    out, _ = trained
+    result = run_bundle("rem_sr", ["inference.json"], {"rem_k": 16, "rem_n": 8, "dataset_dir": str(brain_data),
+                        "datalist": str(brain_data / "datalist_lr_x2.json"), "scale": 2,
+                        "ckpt_path": str(out / "models" / "model.pt"), "output_dir": str(tmp_path)}, check=False)
+    assert result.returncode != 0
+    assert "weights do not match" in result.stderr
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]

@@ -1,0 +1,1 @@
+"""Repository tools: sample data, dataset preparation, verification, export and packaging."""
