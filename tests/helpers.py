@@ -109,3 +109,38 @@ def run_bundle(bundle: str, configs: list[str], overrides: dict | None = None, c
         raise AssertionError(f"bundle run failed ({result.returncode}):\n{' '.join(cmd)}\n"
                              f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-6000:]}")
     return result
+
+
+def synthetic_labels(shape=(40, 48, 40), seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A synthetic brain and a consistent 4-label map (label ids shared by every subject): the image
+    intensity is a function of the labels, so subjects differ by shape, like inter-subject pairs."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    warp = 0.08 * np.stack([np.sin(rng.uniform(1, 3) * g + rng.uniform(0, 6)) for g in grid[::-1]])
+    g = grid + warp
+    radius = np.sqrt((g[0] / 0.8) ** 2 + (g[1] / 0.85) ** 2 + (g[2] / 0.75) ** 2)
+    labels = np.zeros(shape, np.uint8)
+    labels[radius < 1.0] = 1
+    labels[(radius < 0.75)] = 2
+    labels[(radius < 0.75) & (g[0] > 0.1)] = 3
+    labels[np.sqrt((g[0] + 0.3) ** 2 + g[1] ** 2 + g[2] ** 2) < 0.25] = 4
+    intensity = np.array([0.0, 0.45, 0.8, 0.7, 0.6], np.float32)
+    image = intensity[labels] + rng.normal(0, 0.01, shape).astype(np.float32) * (labels > 0)
+    return np.clip(image, 0, 1).astype(np.float32), labels
+
+
+def make_pair_dataset(root: Path, shape=(32, 40, 32)) -> Path:
+    """Four synthetic subjects with labels; pairs: training 0<->1, validation 2->0, test 3->2 and 2->3."""
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(4):
+        image, labels = synthetic_labels(shape, seed=i)
+        save_nifti(image, root / f"sub{i}_T1w.nii.gz")
+        save_nifti(labels, root / f"sub{i}_labels.nii.gz")
+
+    def pair(f, m):
+        return {"name": f"sub{m}_to_sub{f}", "fixed_image": f"sub{f}_T1w.nii.gz", "moving_image": f"sub{m}_T1w.nii.gz",
+                "fixed_label": f"sub{f}_labels.nii.gz", "moving_label": f"sub{m}_labels.nii.gz"}
+
+    datalist = {"training": [pair(0, 1), pair(1, 0)], "validation": [pair(0, 2)], "test": [pair(2, 3), pair(3, 2)]}
+    (root / "datalist.json").write_text(json.dumps(datalist, indent=2))
+    return root

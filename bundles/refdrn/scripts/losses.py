@@ -105,7 +105,7 @@ class ReFDRNLoss(nn.Module):
         warp_padding: str = "border",
     ) -> None:
         super().__init__()
-        self.rem = rem
+        self._rem = (rem,)  # not a registered submodule: it belongs to rem_sr and is never trained or saved
         if rem is not None:
             rem.requires_grad_(False)
             rem.eval()
@@ -118,6 +118,10 @@ class ReFDRNLoss(nn.Module):
         self.huber = nn.HuberLoss(delta=huber_delta)
         self.regularization = ShiftSmoothnessLoss(reduction=reg_reduction)
         self.warp = Warp(mode=warp_mode, padding_mode=warp_padding)
+
+    @property
+    def rem(self) -> nn.Module | None:
+        return self._rem[0]
 
     def train(self, mode: bool = True) -> ReFDRNLoss:
         super().train(mode)

@@ -252,20 +252,36 @@ class RegistrationCascade(nn.Module):
         backbone: maps ``[B, 2, D, H, W]`` to a DDF ``[B, 3, D, H, W]``, or to ``(ddf, aux_ddf)``.
         rem: the (pretrained) resolution enhancement module mapping ``[N, 1, D, H, W]`` to the same shape, or
             ``None`` for the identity (the plain backbone on the trilinear-upsampled input, the paper's "↓↑"
-            baseline). Its parameters are frozen here and it is kept in eval mode, whatever ``train()`` says.
+            baseline). It is frozen and kept in eval mode, whatever ``train()`` says.
 
-    ``forward(moving, fixed)`` takes the trilinear-upsampled LR images ``[B, 1, D, H, W]`` (the REM input grid)
-    and returns ``{"ddf", "sr_moving", "sr_fixed"}`` plus ``"aux_ddf"`` when the backbone returns one.
-    Gradients flow through REM (no ``torch.no_grad``), only its parameters receive none.
+    REM is deliberately *not* a registered submodule: ``state_dict()``, ``parameters()`` and DDP see only the
+    backbone, so checkpoints never copy the ``rem_sr`` weights (they are loaded from that bundle). ``.to()``
+    and friends still move it (``_apply``).
+
+    ``forward(x)`` takes the pair stacked as channels ``[B, 2, D, H, W]`` (moving, fixed; trilinear-upsampled LR,
+    the REM input grid) and returns the DDF, the bundle's ``network_def`` contract. ``register(moving, fixed)``
+    returns ``{"ddf", "sr_moving", "sr_fixed"}`` plus ``"aux_ddf"`` when the backbone gives one; with
+    ``sr_moving``/``sr_fixed`` given (precomputed REM outputs), REM is not run again. Gradients flow through REM
+    (no ``torch.no_grad``); only its parameters receive none.
     """
 
     def __init__(self, backbone: nn.Module, rem: nn.Module | None = None) -> None:
         super().__init__()
         self.backbone = backbone
-        self.rem = rem
+        self._rem = (rem,)  # a tuple hides the module from nn.Module's registry
         if rem is not None:
             rem.requires_grad_(False)
             rem.eval()
+
+    @property
+    def rem(self) -> nn.Module | None:
+        return self._rem[0]
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.rem is not None:
+            self.rem._apply(fn)
+        return self
 
     def train(self, mode: bool = True) -> RegistrationCascade:
         super().train(mode)
@@ -281,14 +297,16 @@ class RegistrationCascade(nn.Module):
         """REM(x) (identity when there is no REM)."""
         return x if self.rem is None else self.rem(x)
 
-    def forward(self, moving: torch.Tensor, fixed: torch.Tensor) -> dict[str, torch.Tensor]:
+    def register(self, moving: torch.Tensor, fixed: torch.Tensor, sr_moving: torch.Tensor | None = None,
+                 sr_fixed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         if moving.shape != fixed.shape:
             raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must have the same shape")
         if moving.ndim != 5:
             raise ValueError(f"expected [B, C, D, H, W] images, got {tuple(moving.shape)}")
-        b = moving.shape[0]
-        sr = self.enhance(torch.cat([moving, fixed], dim=0))  # each image on its own (batch axis)
-        sr_moving, sr_fixed = sr[:b], sr[b:]
+        if sr_moving is None or sr_fixed is None:
+            b = moving.shape[0]
+            sr = self.enhance(torch.cat([moving, fixed], dim=0))  # each image on its own (batch axis)
+            sr_moving, sr_fixed = sr[:b], sr[b:]
         out = self.backbone(torch.cat([sr_moving, sr_fixed], dim=1))  # the pair as channels
         result = {"sr_moving": sr_moving, "sr_fixed": sr_fixed}
         if isinstance(out, (tuple, list)):
@@ -298,3 +316,26 @@ class RegistrationCascade(nn.Module):
         else:
             result["ddf"] = out
         return result
+
+    def forward(self, x: torch.Tensor, precomputed_sr: bool = False, return_dict: bool = False):
+        """DDF of the pair ``x = [moving, fixed]``. ``precomputed_sr=True``: `x` already holds REM's outputs
+        (training with cached SR volumes). ``return_dict=True``: the full `register` dict (goes through DDP)."""
+        if x.ndim != 5 or x.shape[1] != 2:
+            raise ValueError(f"expected the pair as [B, 2, D, H, W] (moving, fixed), got {tuple(x.shape)}")
+        moving, fixed = x[:, :1], x[:, 1:]
+        out = self.register(moving, fixed, *((moving, fixed) if precomputed_sr else (None, None)))
+        return out if return_dict else out["ddf"]
+
+
+def build_registration_network(backbone: str = "fdrn", rem: nn.Module | None = None,
+                               fdrn_channels: Sequence[int] = (16, 32, 32, 32, 32), fdrn_num_res: int = 2,
+                               return_aux: bool = True) -> RegistrationCascade:
+    """The bundle's `network_def`: REM (or identity) followed by FDRN or VoxelMorph VM-2."""
+    name = str(backbone).lower()
+    if name == "fdrn":
+        net = FDRN(channels=tuple(fdrn_channels), num_res=fdrn_num_res, return_aux=return_aux)
+    elif name in ("voxelmorph", "vm2"):
+        net = voxelmorph_vm2()
+    else:
+        raise ValueError(f"unknown backbone {backbone!r}; use 'fdrn' or 'voxelmorph'")
+    return RegistrationCascade(net, rem)
