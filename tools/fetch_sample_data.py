@@ -35,6 +35,11 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.niftiio import atomic_save, atomic_write_text  # noqa: E402
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TARGET_SHAPE = (160, 208, 176)
 TARGET_SPACING = 1.0
@@ -190,22 +195,6 @@ def process_volume(vol: Volume, wheel_path: Path) -> tuple[nib.Nifti1Image, nib.
     return image, mask_out, labels_out
 
 
-def atomic_save(img: nib.Nifti1Image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=".nii.gz", dir=path.parent, prefix=".tmp_")
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".tmp_{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def load_rem_degradation():

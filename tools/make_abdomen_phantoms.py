@@ -62,6 +62,11 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.niftiio import atomic_save, atomic_write_text  # noqa: E402
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHAPE = (144, 144, 128)
 SPACING_MM = 1.0
@@ -449,22 +454,6 @@ def make_affine(shape) -> np.ndarray:
     return affine
 
 
-def atomic_save(img: nib.Nifti1Image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=".nii.gz", dir=path.parent, prefix=".tmp_")
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".tmp_{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:

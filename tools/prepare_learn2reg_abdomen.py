@@ -59,6 +59,11 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.niftiio import atomic_save, atomic_write_text  # noqa: E402
+
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASET_JSON = "AbdomenMRCT_dataset.json"
 TARGET_SHAPE = (144, 144, 128)
@@ -358,22 +363,6 @@ def nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     return img
 
 
-def atomic_save(img: nib.Nifti1Image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=".nii.gz", dir=path.parent, prefix=".tmp_")
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".tmp_{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def output_files(img: Image) -> dict[str, str]:

@@ -2,40 +2,17 @@
 
 from __future__ import annotations
 
-import importlib
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from torch import nn
 
+from tests.helpers import load_bundle_scripts
+
 torch.set_num_threads(1)
 
-BUNDLE = Path(__file__).resolve().parents[2] / "bundles" / "refdrn"
 
-
-def _purge_scripts() -> None:
-    for name in list(sys.modules):
-        if name == "scripts" or name.startswith("scripts."):
-            del sys.modules[name]
-
-
-def load_refdrn(*names: str):
-    """Import ``scripts.<name>`` from the refdrn bundle (other bundles also ship a ``scripts`` package)."""
-    _purge_scripts()
-    sys.path[:] = [p for p in sys.path if p != str(BUNDLE)]
-    sys.path.insert(0, str(BUNDLE))
-    try:
-        mods = [importlib.import_module(f"scripts.{n}") for n in names]
-        assert all(Path(m.__file__).resolve().is_relative_to(BUNDLE) for m in mods)
-        return mods
-    finally:
-        sys.path.remove(str(BUNDLE))
-        _purge_scripts()
-
-
-(networks, losses) = load_refdrn("networks", "losses")
+networks = load_bundle_scripts("refdrn", "networks")
+losses = load_bundle_scripts("refdrn", "losses")
 
 
 def _tiny_rem() -> nn.Module:
