@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= outputs/demo
 
-.PHONY: demo test data pairs train-rem evaluate-rem evaluate-refdrn clean
+.PHONY: demo test verify data pairs train-rem evaluate-rem evaluate-refdrn clean
 
 $(STAMP): requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,22 +18,22 @@ data: $(STAMP)
 pairs: data
 	$(PY) tools/make_brain_pairs.py
 
-demo: pairs
+demo: data
 	$(PY) -m monai.bundle run --config_file bundles/rem_sr/configs/inference.json \
 		--bundle_root bundles/rem_sr --output_dir $(DEMO_OUT)/rem_sr
 	$(PY) -m monai.bundle run --config_file bundles/rem_sr/configs/evaluate.json \
 		--bundle_root bundles/rem_sr --output_dir $(DEMO_OUT)/rem_sr/evaluation
-	$(PY) -m monai.bundle run --config_file bundles/refdrn/configs/inference.json \
-		--bundle_root bundles/refdrn --output_dir $(DEMO_OUT)/refdrn
 	@echo
 	@echo "rem_sr demo outputs (LR input, SR output, HR reference):"
 	@find $(DEMO_OUT)/rem_sr -name "*.nii.gz" | sort
 	@echo "rem_sr figure: $(DEMO_OUT)/rem_sr/evaluation/sr_comparison.png"
-	@echo "refdrn demo outputs (SR fixed/moving, DDF, warped moving image and label):"
-	@find $(DEMO_OUT)/refdrn -name "*.nii.gz" | sort
+
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+verify: $(STAMP)
+	$(PY) tools/verify_bundles.py
 
 train-rem: data
 	$(PY) -m monai.bundle run --config_file bundles/rem_sr/configs/train.json --bundle_root bundles/rem_sr

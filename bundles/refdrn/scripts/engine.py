@@ -29,8 +29,9 @@ class RegistrationTrainStep:
     warped LR moving image (L_aux), so gradients flow through the frozen REM.
     """
 
-    def __init__(self, loss_function: torch.nn.Module) -> None:
+    def __init__(self, loss_function: torch.nn.Module, grad_clip_norm: float | None = None) -> None:
         self.loss_function = loss_function
+        self.grad_clip_norm = grad_clip_norm
 
     def __call__(self, engine: Engine, batch: dict) -> dict:
         device = engine.state.device
@@ -43,6 +44,8 @@ class RegistrationTrainStep:
         losses = self.loss_function(out["ddf"], moving, fixed, out["sr_moving"], out["sr_fixed"],
                                     aux_ddf=out.get("aux_ddf"), iteration=engine.state.iteration)
         losses["loss"].backward()
+        if self.grad_clip_norm:
+            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
         engine.optimizer.step()
         return {k: float(v.detach()) for k, v in losses.items()}
 
