@@ -9,19 +9,10 @@ import jsonschema
 import pytest
 
 from tests.helpers import BUNDLES, REPO_ROOT, bundle_env
+from tools.verify_bundles import pinned_versions
 
 SCHEMA = json.loads((REPO_ROOT / "tools" / "schemas" / "meta_schema_20240725.json").read_text())
 BUNDLE_NAMES = sorted(p.parent.parent.name for p in BUNDLES.glob("*/configs/metadata.json"))
-
-
-def pinned_versions() -> dict:
-    pins = {}
-    for line in (REPO_ROOT / "requirements.txt").read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if "==" in line:
-            name, version = line.split("==")
-            pins[name.strip().lower()] = version.strip()
-    return pins
 
 
 @pytest.mark.parametrize("bundle", BUNDLE_NAMES)
