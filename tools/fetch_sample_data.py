@@ -38,6 +38,7 @@ from tqdm import tqdm
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.niftiio import atomic_save, atomic_write_text  # noqa: E402
+from tools.niftiio import crop_or_pad as crop_or_pad_box  # noqa: E402
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -148,16 +149,7 @@ def resample_to_1mm(data: np.ndarray, affine: np.ndarray, order: int) -> tuple[n
 
 def crop_or_pad(data: np.ndarray, affine: np.ndarray, center: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Take a TARGET_SHAPE box centred on `center` (voxels), zero-padding outside the volume."""
-    out = np.zeros(TARGET_SHAPE, dtype=data.dtype)
-    start = np.round(center - np.array(TARGET_SHAPE) / 2).astype(int)
-    src_lo = np.maximum(start, 0)
-    src_hi = np.minimum(start + TARGET_SHAPE, data.shape)
-    dst_lo = src_lo - start
-    dst_hi = dst_lo + (src_hi - src_lo)
-    out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))] = data[tuple(slice(a, b) for a, b in zip(src_lo, src_hi))]
-    new_affine = affine.copy()
-    new_affine[:3, 3] = affine[:3, :3] @ start + affine[:3, 3]
-    return out, new_affine
+    return crop_or_pad_box(data, affine, np.round(center - np.array(TARGET_SHAPE) / 2), TARGET_SHAPE)
 
 
 def process_volume(vol: Volume, wheel_path: Path) -> tuple[nib.Nifti1Image, nib.Nifti1Image, nib.Nifti1Image | None]:

@@ -61,7 +61,7 @@ from tqdm import tqdm
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.niftiio import atomic_save, atomic_write_text  # noqa: E402
+from tools.niftiio import atomic_save, atomic_write_text, crop_or_pad  # noqa: E402
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -305,16 +305,7 @@ def resample(data: np.ndarray, affine: np.ndarray, spacing: float | None, order:
 
 def crop_or_pad_centre(data: np.ndarray, affine: np.ndarray, fill: float = 0.0):
     """Centre crop/zero-pad to TARGET_SHAPE; the affine is shifted so world coordinates are kept."""
-    out = np.full(TARGET_SHAPE, fill, dtype=data.dtype)
-    start = (np.array(data.shape) - np.array(TARGET_SHAPE)) // 2  # negative where padding
-    src_lo = np.maximum(start, 0)
-    src_hi = np.minimum(start + TARGET_SHAPE, data.shape)
-    dst_lo = src_lo - start
-    dst_hi = dst_lo + (src_hi - src_lo)
-    out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))] = data[tuple(slice(a, b) for a, b in zip(src_lo, src_hi))]
-    new_affine = affine.copy()
-    new_affine[:3, 3] = affine[:3, :3] @ start + affine[:3, 3]
-    return out, new_affine
+    return crop_or_pad(data, affine, (np.array(data.shape) - np.array(TARGET_SHAPE)) // 2, TARGET_SHAPE, fill)
 
 
 def process_image(img: Image, spacing: float | None):
