@@ -1,0 +1,76 @@
+"""Dictionary transforms of the f3rnet_ct_mri pipelines: modality-aware intensity normalisation and warping
+of the moving image / label with the predicted DDF."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from monai.data import MetaTensor
+from monai.networks.blocks import Warp
+from monai.transforms import MapTransform, ScaleIntensityRange, ScaleIntensityRangePercentiles
+
+from .checks import check_direction
+
+# which image of the pair is which modality, per direction
+MODALITIES = {"ct2mri": {"moving": "ct", "fixed": "mr"}, "mri2ct": {"moving": "mr", "fixed": "ct"}}
+
+
+class NormalizeCTMRd(MapTransform):
+    """Map both images of a pair to [0, 1], each by its modality (the paper's "intensity normalization"):
+
+    - CT: the soft-tissue window `ct_window` HU (default [-300, 500], the Learn2Reg preparation's clip) linearly to
+      [0, 1], clipped;
+    - MR: the `mr_percentiles` percentiles (default 0th and 99th) linearly to [0, 1], clipped (MR has no absolute
+      scale, and the 99th percentile ignores the few brightest voxels).
+
+    `direction` says which image is CT: ``ct2mri`` = moving CT, fixed MR; ``mri2ct`` = moving MR, fixed CT.
+    """
+
+    def __init__(self, direction: str, moving_key: str = "moving_image", fixed_key: str = "fixed_image",
+                 ct_window: Sequence[float] = (-300.0, 500.0), mr_percentiles: Sequence[float] = (0.0, 99.0),
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__([moving_key, fixed_key], allow_missing_keys)
+        self.direction = check_direction(direction)
+        lo, hi = (float(v) for v in ct_window)
+        p_lo, p_hi = (float(v) for v in mr_percentiles)
+        if not hi > lo or not 0 <= p_lo < p_hi <= 100:
+            raise ValueError(f"need ct_window lo < hi and 0 <= mr_percentiles lo < hi <= 100, got {ct_window}, "
+                             f"{mr_percentiles}")
+        ct = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
+        mr = ScaleIntensityRangePercentiles(lower=p_lo, upper=p_hi, b_min=0.0, b_max=1.0, clip=True)
+        role = MODALITIES[self.direction]
+        self.normalizers = {moving_key: ct if role["moving"] == "ct" else mr,
+                            fixed_key: ct if role["fixed"] == "ct" else mr}
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.normalizers[key](torch.as_tensor(d[key]).float())
+        return d
+
+
+class WarpMovingd(MapTransform):
+    """Warp `image_key` (bilinear, border padding) and, when present, `label_key` (nearest, zero padding) with
+    the DDF in `ddf_key` (voxel units, MONAI ``Warp`` convention), writing ``warped_<key>``; both outputs get the
+    DDF's metadata (the input grid and affine)."""
+
+    def __init__(self, ddf_key: str = "pred", image_key: str = "moving_raw", label_key: str = "moving_label"):
+        super().__init__([image_key, label_key], allow_missing_keys=True)
+        self.ddf_key, self.image_key, self.label_key = ddf_key, image_key, label_key
+        self.warp_image = Warp(mode="bilinear", padding_mode="border")
+        self.warp_label = Warp(mode="nearest", padding_mode="zeros")
+
+    def __call__(self, data: Mapping) -> dict:
+        d = dict(data)
+        ddf = d[self.ddf_key]
+        plain_ddf = torch.as_tensor(ddf).as_subclass(torch.Tensor)[None].float()
+        meta = ddf.meta if isinstance(ddf, MetaTensor) else {}
+        if self.image_key in d:
+            image = torch.as_tensor(d[self.image_key]).as_subclass(torch.Tensor)[None].float().to(plain_ddf.device)
+            d[f"warped_{self.image_key}"] = MetaTensor(self.warp_image(image, plain_ddf)[0], meta=meta)
+        if self.label_key in d:
+            label = torch.as_tensor(d[self.label_key]).as_subclass(torch.Tensor)[None].float().to(plain_ddf.device)
+            warped = self.warp_label(label, plain_ddf)[0].round().to(torch.uint8)
+            d[f"warped_{self.label_key}"] = MetaTensor(warped, meta=meta)
+        return d
