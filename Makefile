@@ -4,10 +4,14 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= outputs/demo
+PACKAGE_OUT ?= outputs/packages
+# the MONAI Deploy App SDK lives in its own venv (see requirements-deploy.txt for why)
+DEPLOY_VENV := .venv-deploy
+DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
 
-.PHONY: demo test verify data pairs train-rem evaluate-rem evaluate-refdrn clean
+.PHONY: demo test verify export package deploy-venv test-deploy data pairs train-rem evaluate-rem evaluate-refdrn clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt requirements-optional.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $(STAMP)
@@ -35,6 +39,25 @@ test: $(STAMP)
 verify: $(STAMP)
 	$(PY) tools/verify_bundles.py
 
+# models/model.ts (+ models/model.onnx) of every bundle that has weights, each checked against the eager network
+export: $(STAMP)
+	$(PY) tools/export_bundles.py
+
+# one zip per bundle with weights + model_info.json in $(PACKAGE_OUT) (the zips `monai.bundle download` unpacks)
+package: $(STAMP)
+	$(PY) tools/package.py --output-dir $(PACKAGE_OUT)
+
+$(DEPLOY_STAMP): requirements.txt requirements-deploy.txt
+	$(PYTHON) -m venv $(DEPLOY_VENV)
+	$(DEPLOY_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-deploy.txt
+	touch $(DEPLOY_STAMP)
+
+deploy-venv: $(DEPLOY_STAMP)
+
+# tests/test_deploy.py with the SDK test enabled (it runs a MONAI Deploy application in $(DEPLOY_VENV))
+test-deploy: $(STAMP) $(DEPLOY_STAMP)
+	$(PY) -m pytest -q tests/test_deploy.py
+
 train-rem: data
 	$(PY) -m monai.bundle run --config_file bundles/rem_sr/configs/train.json --bundle_root bundles/rem_sr
 
@@ -45,4 +68,4 @@ evaluate-refdrn: pairs
 	$(PY) -m monai.bundle run --config_file bundles/refdrn/configs/evaluate.json --bundle_root bundles/refdrn
 
 clean:
-	rm -rf $(DEMO_OUT) bundles/*/eval bundles/*/logs
+	rm -rf $(DEMO_OUT) $(PACKAGE_OUT) bundles/*/eval bundles/*/logs

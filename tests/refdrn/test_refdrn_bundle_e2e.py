@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from tests.helpers import BUNDLES, make_pair_dataset, run_bundle, save_nifti
+from tests.rem_sr.test_rem_bundle_e2e import (RANK1_EVENT_FILES, assert_disjoint_shards_and_rank0_checkpoints,
+                                              ddp_probes, rank1_files)
 
 TINY_NET = {"fdrn_channels": [4, 8, 8], "fdrn_num_res": 1}
 TINY_TRAIN = {**TINY_NET, "max_iterations": 4, "val_interval": 2, "train_roi_size": [24, 24, 24],
@@ -102,12 +104,24 @@ def test_evaluate_writes_table_iii_rows(trained, pairs, tmp_path):
     assert "Dice" in result.stdout
 
 
-def test_multi_gpu_train_with_two_gloo_processes(pairs, tmp_path):
+@pytest.fixture(scope="module")
+def ddp_run(pairs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("refdrn_ddp")
     run_bundle("refdrn", ["train.json", "multi_gpu_train.json"], {**TINY_TRAIN, "dataset_dir": str(pairs),
-               "datalist": str(pairs / "datalist.json"), "ckpt_dir": str(tmp_path / "models"),
-               "log_dir": str(tmp_path / "logs")}, torchrun_nproc=2)
-    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+               "datalist": str(pairs / "datalist.json"), **ddp_probes(out)}, torchrun_nproc=2)
+    return out
+
+
+def test_multi_gpu_train_with_two_gloo_processes(ddp_run, pairs):
+    state = torch.load(ddp_run / "models_rank0" / "model.pt", map_location="cpu", weights_only=True)
     assert state and all(k.startswith("backbone.") for k in state)
+    training = json.loads((pairs / "datalist.json").read_text())["training"]
+    assert_disjoint_shards_and_rank0_checkpoints(ddp_run, {item["name"] for item in training})
+
+
+@pytest.mark.xfail(strict=True, reason=RANK1_EVENT_FILES)
+def test_multi_gpu_rank1_writes_no_files(ddp_run):
+    assert rank1_files(ddp_run) == []
 
 
 def _bad_pair(tmp_path, pairs, problem):

@@ -99,13 +99,63 @@ def test_evaluate_writes_tables_and_figure(trained, brain_data, tmp_path):
     assert "| x4 | REM |" in (tmp_path / "results.md").read_text()
 
 
-def test_multi_gpu_train_with_two_gloo_processes(brain_data, tmp_path):
-    result = run_bundle("rem_sr", ["train.json", "multi_gpu_train.json"], {**TINY_TRAIN, "dataset_dir": str(brain_data),
-                        "datalist": str(brain_data / "datalist.json"), "ckpt_dir": str(tmp_path / "models"),
-                        "log_dir": str(tmp_path / "logs")}, torchrun_nproc=2)
-    assert (tmp_path / "models" / "model.pt").exists()
-    state = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+def ddp_probes(tmp_path) -> dict:
+    """Config overrides for a torchrun test: per-rank ckpt_dir/log_dir (models_rank<r>, logs_rank<r>), so what each
+    rank writes can be told apart, and a collate_fn that logs the datalist names of every training batch to
+    shard_rank<r>.txt (one line per batch) before MONAI's list_data_collate."""
+    rank = "os.environ['RANK']"
+    names = "[d['name'] for x in items for d in (x if isinstance(x, list) else [x])]"
+    return {"ckpt_dir": f"$'{tmp_path}/models_rank' + {rank}", "log_dir": f"$'{tmp_path}/logs_rank' + {rank}",
+            "train#dataloader#collate_fn": f"$lambda items, _f='{tmp_path}/shard_rank' + {rank} + '.txt': "
+                                           f"(open(_f, 'a').write('|'.join(sorted(os.path.basename(str(n)) for n in "
+                                           f"{names})) + chr(10)), monai.data.list_data_collate(items))[1]"}
+
+
+def assert_disjoint_shards_and_rank0_checkpoints(tmp_path, all_names: set[str]) -> None:
+    import os
+
+    shards = [(tmp_path / f"shard_rank{r}.txt").read_text().splitlines() for r in (0, 1)]
+    assert shards[0] and len(shards[0]) == len(shards[1])  # DDP steps in lock-step
+    for batch0, batch1 in zip(*shards):  # one batch per rank covers one pass over the (tiny) training set
+        seen0, seen1 = set(batch0.split("|")), set(batch1.split("|"))
+        assert not seen0 & seen1, (batch0, batch1)  # disjoint shards (DistributedSampler)
+        assert {os.path.basename(n) for n in seen0 | seen1} == all_names
+    assert (tmp_path / "models_rank0" / "model.pt").is_file()
+    assert (tmp_path / "models_rank0" / "checkpoint_final.pt").is_file()
+    assert any((tmp_path / "logs_rank0").glob("events.out.tfevents*"))
+    assert (tmp_path / "models_rank1").is_dir() and not list((tmp_path / "models_rank1").iterdir())
+
+
+def rank1_files(tmp_path) -> list:
+    return [p for d in ("models_rank1", "logs_rank1") for p in (tmp_path / d).rglob("*") if p.is_file()]
+
+
+# multi_gpu_train.json keeps rank > 0 from *using* the TensorBoard handlers (it slices @train#handlers, and sets
+# val_handlers to None), but MONAI resolves every @reference of an expression before evaluating it, so both
+# TensorBoardStatsHandler objects are still built on rank 1 and their SummaryWriters create empty (88-byte,
+# header-only) event files in its log_dir. A config fix is `_disabled_` on those two handlers for rank > 0.
+RANK1_EVENT_FILES = ("known issue in multi_gpu_train.json: rank 1 instantiates the TensorBoard handlers it never "
+                     "uses, which create empty event files")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(brain_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rem_ddp")
+    run_bundle("rem_sr", ["train.json", "multi_gpu_train.json"], {**TINY_TRAIN, "dataset_dir": str(brain_data),
+               "datalist": str(brain_data / "datalist.json"), **ddp_probes(out)}, torchrun_nproc=2)
+    return out
+
+
+def test_multi_gpu_train_with_two_gloo_processes(ddp_run, brain_data):
+    state = torch.load(ddp_run / "models_rank0" / "model.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
+    training = json.loads((brain_data / "datalist.json").read_text())["training"]
+    assert_disjoint_shards_and_rank0_checkpoints(ddp_run, {item["name"] for item in training})
+
+
+@pytest.mark.xfail(strict=True, reason=RANK1_EVENT_FILES)
+def test_multi_gpu_rank1_writes_no_files(ddp_run):
+    assert rank1_files(ddp_run) == []
 
 
 @pytest.mark.parametrize("problem", ["nan", "missing", "not3d", "too_small"])
