@@ -144,3 +144,32 @@ def make_pair_dataset(root: Path, shape=(32, 40, 32)) -> Path:
     datalist = {"training": [pair(0, 1), pair(1, 0)], "validation": [pair(0, 2)], "test": [pair(2, 3), pair(3, 2)]}
     (root / "datalist.json").write_text(json.dumps(datalist, indent=2))
     return root
+
+
+def ddp_probes(tmp_path) -> dict:
+    """Config overrides for a torchrun test: per-rank ckpt_dir/log_dir (models_rank<r>, logs_rank<r>), so what each
+    rank writes can be told apart, and a collate_fn that logs the datalist names of every training batch to
+    shard_rank<r>.txt (one line per batch) before MONAI's list_data_collate."""
+    rank = "os.environ['RANK']"
+    names = "[d['name'] for x in items for d in (x if isinstance(x, list) else [x])]"
+    return {"ckpt_dir": f"$'{tmp_path}/models_rank' + {rank}", "log_dir": f"$'{tmp_path}/logs_rank' + {rank}",
+            "train#dataloader#collate_fn": f"$lambda items, _f='{tmp_path}/shard_rank' + {rank} + '.txt': "
+                                           f"(open(_f, 'a').write('|'.join(sorted(os.path.basename(str(n)) for n in "
+                                           f"{names})) + chr(10)), monai.data.list_data_collate(items))[1]"}
+
+
+def assert_disjoint_shards_and_rank0_checkpoints(tmp_path, all_names: set[str]) -> None:
+    shards = [(tmp_path / f"shard_rank{r}.txt").read_text().splitlines() for r in (0, 1)]
+    assert shards[0] and len(shards[0]) == len(shards[1])  # DDP steps in lock-step
+    for batch0, batch1 in zip(*shards):  # one batch per rank covers one pass over the (tiny) training set
+        seen0, seen1 = set(batch0.split("|")), set(batch1.split("|"))
+        assert not seen0 & seen1, (batch0, batch1)  # disjoint shards (DistributedSampler)
+        assert {os.path.basename(n) for n in seen0 | seen1} == all_names
+    assert (tmp_path / "models_rank0" / "model.pt").is_file()
+    assert (tmp_path / "models_rank0" / "checkpoint_final.pt").is_file()
+    assert any((tmp_path / "logs_rank0").glob("events.out.tfevents*"))
+    assert (tmp_path / "models_rank1").is_dir() and not list((tmp_path / "models_rank1").iterdir())
+
+
+def rank1_files(tmp_path) -> list:
+    return [p for d in ("models_rank1", "logs_rank1") for p in (tmp_path / d).rglob("*") if p.is_file()]

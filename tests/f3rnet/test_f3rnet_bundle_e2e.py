@@ -19,7 +19,8 @@ import torch
 from monai.networks.blocks import Warp
 
 from tests.f3rnet.bundle_import import BUNDLE_ROOT, load_f3rnet
-from tests.helpers import run_bundle, save_nifti
+from tests.helpers import (assert_disjoint_shards_and_rank0_checkpoints, ddp_probes, rank1_files, run_bundle,
+                           save_nifti)
 from tools import make_abdomen_phantoms
 
 SHAPE = (36, 40, 32)
@@ -128,6 +129,14 @@ def test_multi_gpu_train_two_gloo_processes_resumes_and_exports(trained, phantom
     state = torch.load(tmp_path / "exported" / "model_dist.pt", map_location="cpu", weights_only=True)
     assert set(state) == set(tiny_network().state_dict())  # no DDP "module." prefix
     assert any((tmp_path / "logs").glob("events.out.tfevents*"))
+
+
+def test_multi_gpu_ranks_see_disjoint_shards_and_only_rank0_writes(phantoms, tmp_path):
+    run_bundle("f3rnet_ct_mri", ["train.json", "multi_gpu_train.json"], {
+        **TINY_TRAIN, "dataset_dir": str(phantoms), **ddp_probes(tmp_path)}, torchrun_nproc=2)
+    training = json.loads((phantoms / "datalist_ct2mri.json").read_text())["training"]
+    assert_disjoint_shards_and_rank0_checkpoints(tmp_path, {item["name"] for item in training})
+    assert rank1_files(tmp_path) == []
 
 
 def test_bad_weights_give_one_clear_error_on_the_command_line(trained, phantoms, tmp_path):

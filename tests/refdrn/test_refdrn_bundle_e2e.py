@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import BUNDLES, make_pair_dataset, run_bundle, save_nifti
-from tests.rem_sr.test_rem_bundle_e2e import (RANK1_EVENT_FILES, assert_disjoint_shards_and_rank0_checkpoints,
-                                              ddp_probes, rank1_files)
+from tests.helpers import (BUNDLES, assert_disjoint_shards_and_rank0_checkpoints, ddp_probes, make_pair_dataset,
+                           rank1_files, run_bundle, save_nifti)
 
 TINY_NET = {"fdrn_channels": [4, 8, 8], "fdrn_num_res": 1}
 TINY_TRAIN = {**TINY_NET, "max_iterations": 4, "val_interval": 2, "train_roi_size": [24, 24, 24],
@@ -119,7 +118,6 @@ def test_multi_gpu_train_with_two_gloo_processes(ddp_run, pairs):
     assert_disjoint_shards_and_rank0_checkpoints(ddp_run, {item["name"] for item in training})
 
 
-@pytest.mark.xfail(strict=True, reason=RANK1_EVENT_FILES)
 def test_multi_gpu_rank1_writes_no_files(ddp_run):
     assert rank1_files(ddp_run) == []
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import load_bundle_scripts, run_bundle, save_nifti
+from tests.helpers import (assert_disjoint_shards_and_rank0_checkpoints, ddp_probes, load_bundle_scripts,
+                           rank1_files, run_bundle, save_nifti)
 
 TINY_TRAIN = {"patch_size": [16, 16, 16], "batch_size": 2, "max_iterations": 4, "val_interval": 2,
               "val_roi_size": [24, 24, 24], "num_workers": 0, "rem_k": 4, "rem_n": 2}
@@ -99,45 +100,6 @@ def test_evaluate_writes_tables_and_figure(trained, brain_data, tmp_path):
     assert "| x4 | REM |" in (tmp_path / "results.md").read_text()
 
 
-def ddp_probes(tmp_path) -> dict:
-    """Config overrides for a torchrun test: per-rank ckpt_dir/log_dir (models_rank<r>, logs_rank<r>), so what each
-    rank writes can be told apart, and a collate_fn that logs the datalist names of every training batch to
-    shard_rank<r>.txt (one line per batch) before MONAI's list_data_collate."""
-    rank = "os.environ['RANK']"
-    names = "[d['name'] for x in items for d in (x if isinstance(x, list) else [x])]"
-    return {"ckpt_dir": f"$'{tmp_path}/models_rank' + {rank}", "log_dir": f"$'{tmp_path}/logs_rank' + {rank}",
-            "train#dataloader#collate_fn": f"$lambda items, _f='{tmp_path}/shard_rank' + {rank} + '.txt': "
-                                           f"(open(_f, 'a').write('|'.join(sorted(os.path.basename(str(n)) for n in "
-                                           f"{names})) + chr(10)), monai.data.list_data_collate(items))[1]"}
-
-
-def assert_disjoint_shards_and_rank0_checkpoints(tmp_path, all_names: set[str]) -> None:
-    import os
-
-    shards = [(tmp_path / f"shard_rank{r}.txt").read_text().splitlines() for r in (0, 1)]
-    assert shards[0] and len(shards[0]) == len(shards[1])  # DDP steps in lock-step
-    for batch0, batch1 in zip(*shards):  # one batch per rank covers one pass over the (tiny) training set
-        seen0, seen1 = set(batch0.split("|")), set(batch1.split("|"))
-        assert not seen0 & seen1, (batch0, batch1)  # disjoint shards (DistributedSampler)
-        assert {os.path.basename(n) for n in seen0 | seen1} == all_names
-    assert (tmp_path / "models_rank0" / "model.pt").is_file()
-    assert (tmp_path / "models_rank0" / "checkpoint_final.pt").is_file()
-    assert any((tmp_path / "logs_rank0").glob("events.out.tfevents*"))
-    assert (tmp_path / "models_rank1").is_dir() and not list((tmp_path / "models_rank1").iterdir())
-
-
-def rank1_files(tmp_path) -> list:
-    return [p for d in ("models_rank1", "logs_rank1") for p in (tmp_path / d).rglob("*") if p.is_file()]
-
-
-# multi_gpu_train.json keeps rank > 0 from *using* the TensorBoard handlers (it slices @train#handlers, and sets
-# val_handlers to None), but MONAI resolves every @reference of an expression before evaluating it, so both
-# TensorBoardStatsHandler objects are still built on rank 1 and their SummaryWriters create empty (88-byte,
-# header-only) event files in its log_dir. A config fix is `_disabled_` on those two handlers for rank > 0.
-RANK1_EVENT_FILES = ("known issue in multi_gpu_train.json: rank 1 instantiates the TensorBoard handlers it never "
-                     "uses, which create empty event files")
-
-
 @pytest.fixture(scope="module")
 def ddp_run(brain_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("rem_ddp")
@@ -153,7 +115,6 @@ def test_multi_gpu_train_with_two_gloo_processes(ddp_run, brain_data):
     assert_disjoint_shards_and_rank0_checkpoints(ddp_run, {item["name"] for item in training})
 
 
-@pytest.mark.xfail(strict=True, reason=RANK1_EVENT_FILES)
 def test_multi_gpu_rank1_writes_no_files(ddp_run):
     assert rank1_files(ddp_run) == []
 
