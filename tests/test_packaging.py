@@ -54,15 +54,17 @@ def test_model_info_follows_the_zoo_format_with_the_zip_checksum(rem_zip, tmp_pa
     info = json.loads((out / "model_info.json").read_text())
     key = f"rem_sr_v{version(BUNDLES / 'rem_sr')}"
     assert list(info) == [key]
-    assert set(info[key]) == {"checksum", "source"}
+    assert set(info[key]) == {"checksum", "sha256", "source"}
     assert info[key]["checksum"] == hashlib.sha1(zip_path.read_bytes()).hexdigest()  # the zoo's hash type
+    assert info[key]["sha256"] == hashlib.sha256(zip_path.read_bytes()).hexdigest()
     assert info[key]["source"] == zip_path.as_uri()
     # reproducible: packaging again gives the same bytes; a --base-url goes into "source"; other entries are kept
     (tmp_path / "model_info.json").write_text(json.dumps({"other_bundle_v1.0.0": {"checksum": "x", "source": "y"}}))
     again = package("rem_sr", "--output-dir", tmp_path, "--base-url", "https://example.org/zoo/")
     assert again.returncode == 0, again.stderr
     info2 = json.loads((tmp_path / "model_info.json").read_text())
-    assert info2[key] == {"checksum": info[key]["checksum"], "source": f"https://example.org/zoo/{zip_path.name}"}
+    assert info2[key] == {"checksum": info[key]["checksum"], "sha256": info[key]["sha256"],
+                          "source": f"https://example.org/zoo/{zip_path.name}"}
     assert info2["other_bundle_v1.0.0"] == {"checksum": "x", "source": "y"}
     assert not list(tmp_path.glob(".partial-*"))
 

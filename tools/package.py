@@ -15,7 +15,8 @@ and permissions, so the same bundle always gives the same checksum.
 
 <output-dir>/model_info.json follows Project-MONAI/model-zoo's models/model_info.json: one entry per bundle
 version, keyed "<name>_v<version>", with "checksum" (the SHA-1 of the zip, as the zoo's
-ci/update_model_info.py computes it) and "source" (where the zip is downloaded from: --base-url/<zip name>, or
+ci/update_model_info.py computes it), "sha256" (the same zip's SHA-256, for tools that verify with it,
+e.g. `monai.bundle download`'s hash check) and "source" (where the zip is downloaded from: --base-url/<zip name>, or
 the zip's file:// URL by default, which `python -m monai.bundle download --url` accepts). Existing entries of
 other bundles or versions in that file are kept.
 
@@ -214,7 +215,8 @@ def package(names: list[str] | None = None, bundles_dir: Path = BUNDLES, output_
         zip_path = output_dir / f"{name}_v{version}.zip"
         members = write_zip(name, root, zip_path)
         source = f"{base_url.rstrip('/')}/{zip_path.name}" if base_url else zip_path.as_uri()
-        entries[f"{name}_v{version}"] = {"checksum": file_hash(zip_path, "sha1"), "source": source}
+        entries[f"{name}_v{version}"] = {"checksum": file_hash(zip_path, "sha1"), "sha256": file_hash(zip_path, "sha256"),
+                                         "source": source}
         dep_text = f"; depends on {', '.join(f'{d} {v}' for d, v in deps.items())} (found compatible)" if deps else ""
         log(f"PACKAGED {name} {version}: {zip_path} ({zip_path.stat().st_size:,} bytes, "
             f"{sum(not m.endswith('/') for m in members)} files){dep_text}")
