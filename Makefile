@@ -9,7 +9,7 @@ PACKAGE_OUT ?= outputs/packages
 DEPLOY_VENV := .venv-deploy
 DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
 
-.PHONY: demo test verify export package deploy-venv test-deploy data pairs train-rem evaluate-rem evaluate-refdrn clean
+.PHONY: demo test verify export package deploy-venv test-deploy data pairs phantoms train-rem evaluate-rem evaluate-refdrn evaluate-f3rnet clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-optional.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,9 @@ data: $(STAMP)
 
 pairs: data
 	$(PY) tools/make_brain_pairs.py
+
+phantoms: $(STAMP)
+	$(PY) tools/make_abdomen_phantoms.py
 
 demo: data
 	$(PY) -m monai.bundle run --config_file bundles/rem_sr/configs/inference.json \
@@ -66,6 +69,9 @@ evaluate-rem: data
 
 evaluate-refdrn: pairs
 	$(PY) -m monai.bundle run --config_file bundles/refdrn/configs/evaluate.json --bundle_root bundles/refdrn
+
+evaluate-f3rnet: phantoms
+	$(PY) -m monai.bundle run --config_file bundles/f3rnet_ct_mri/configs/evaluate.json --bundle_root bundles/f3rnet_ct_mri
 
 clean:
 	rm -rf $(DEMO_OUT) $(PACKAGE_OUT) bundles/*/eval bundles/*/logs
