@@ -30,12 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import traceback
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script, or imported as a top-level module by verify_bundles
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.niftiio import atomic_write  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = REPO_ROOT / "bundles"
@@ -75,18 +77,6 @@ def load_network(root: Path, ckpt: Path | None = None):
     if ckpt is not None:
         net.load_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True), strict=True)
     return net.eval()
-
-
-def _replace_atomically(write, target: Path) -> None:
-    """Call write(tmp_path) with a path in a private temporary folder next to `target` (same file name, so archives
-    keep their root name), then rename over `target`; nothing is left behind on failure."""
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
-    try:
-        tmp = tmp_dir / target.name
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def _close(diff: float, scale: float, atol: float) -> bool:
@@ -142,7 +132,7 @@ def export_torchscript(root: Path, target: Path | None = None, ckpt: Path | None
             raise AssertionError(f"TorchScript output differs from eager by {diff:.2e} (> {atol:g}, or > {REL_TOL:g} "
                                  f"of max |eager| = {float(ref.abs().max()):.1e}) on {shape}")
 
-    _replace_atomically(write, target)
+    atomic_write(target, write)
     detail = f"{how['mode']}, max |ts - eager| = {how['diff']:.1e} on {shape}, metadata.json + inference.json embedded"
     if how["mode"] == "traced":
         detail += f"; traced at {shape} because scripting failed ({how['why']}): shape-dependent Python control flow is fixed at that shape"
@@ -230,7 +220,7 @@ def export_onnx(root: Path, target: Path | None = None, ckpt: Path | None = None
                 raise AssertionError(f"ONNX output differs from eager by {diff:.2e} (> {atol:g}, or > {REL_TOL:g} of "
                                      f"max |eager| = {scale:.1e}) on {s}")
 
-    _replace_atomically(write, target)
+    atomic_write(target, write)
     axes = "dynamic batch + spatial axes from metadata" if info["dynamic"] else f"static shape {shape}"
     diffs = ", ".join(f"{d:.1e} on {s} (|eager| max {m:.1e})" for s, d, m in info["diffs"])
     return f"opset {ONNX_OPSET}, {axes}; max |onnxruntime - eager| = {diffs}"

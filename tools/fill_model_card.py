@@ -13,6 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.niftiio import atomic_write_text  # noqa: E402
+
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -32,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in (args.card, args.results):
         if not path.is_file():
             raise SystemExit(f"error: {path} not found")
-    args.card.write_text(fill(args.card.read_text(), args.results.read_text()))
+    atomic_write_text(fill(args.card.read_text(), args.results.read_text()), args.card)
     print(f"updated {args.card} from {args.results}")
     return 0
 

@@ -4,28 +4,37 @@ interrupted run never leaves a half-written file."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import nibabel as nib
 
 
-def atomic_save(img: nib.Nifti1Image, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=".nii.gz", dir=path.parent, prefix=".tmp_")
-    os.close(fd)
+def atomic_write(target: Path, write) -> None:
+    """Call ``write(tmp)`` with a path of the same file name in a private temporary folder next to `target`, then
+    rename it over `target`; nothing is left behind on failure. Keeping the name matters to writers that derive
+    content or format from it (nibabel's extension, the archive root of torch.jit.save / zip files)."""
+    target = Path(target)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
     try:
+        tmp = tmp_dir / target.name
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def atomic_save(img: nib.Nifti1Image, path: Path) -> None:
+    def write(tmp: Path) -> None:
         nib.save(img, tmp)
         os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+    atomic_write(path, write)
 
 
 def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(f".tmp_{path.name}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def crop_or_pad(data, affine, start, shape, fill: float = 0.0):

@@ -37,11 +37,13 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import sys
-import tempfile
 import zipfile
 from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.niftiio import atomic_write  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = REPO_ROOT / "bundles"
@@ -133,17 +135,6 @@ def bundle_files(root: Path) -> list[tuple[Path, str]]:
     return sorted(entries, key=lambda e: e[1])
 
 
-def _atomic_write(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".partial-{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_zip(name: str, root: Path, target: Path) -> list[str]:
     """The reproducible bundle zip at `target`; returns its member names."""
     entries = bundle_files(root)
@@ -161,7 +152,7 @@ def write_zip(name: str, root: Path, target: Path) -> list[str]:
                 info.compress_type = zipfile.ZIP_DEFLATED
                 zf.writestr(info, path.read_bytes())
 
-    _atomic_write(target, write)
+    atomic_write(target, write)
     with zipfile.ZipFile(target) as zf:
         return zf.namelist()
 
@@ -183,7 +174,7 @@ def update_model_info(path: Path, entries: dict[str, dict]) -> dict:
             raise PackagingError(f"{path}: existing model_info.json is not valid JSON ({e})") from None
     info.update(entries)
     info = dict(sorted(info.items()))
-    _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(info, indent=4) + "\n"))
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(info, indent=4) + "\n"))
     return info
 
 
