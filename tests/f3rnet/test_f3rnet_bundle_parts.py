@@ -201,3 +201,22 @@ def test_evaluation_writes_nothing_when_weights_are_broken(tmp_path):
         ev.run()
     assert not (tmp_path / "eval").exists()
     assert nib.load(str(img)).shape == (16, 16, 16)
+
+
+def test_evaluation_warms_up_each_network_once_before_timing(tmp_path, monkeypatch):
+    image = save_nifti(np.random.default_rng(0).random((16, 16, 16)).astype(np.float32), tmp_path / "a.nii.gz")
+    label = save_nifti((np.arange(16)[:, None, None] > 7).repeat(16, 1).repeat(16, 2).astype(np.uint8),
+                       tmp_path / "l.nii.gz")
+    item = {"fixed_image": str(image), "moving_image": str(image), "fixed_label": str(label),
+            "moving_label": str(label)}
+    weights = {}
+    for variant in ("none", "all"):
+        weights[variant] = str(tmp_path / f"{variant}.pt")
+        torch.save(networks.F3RNet(f3d=variant, fr_channels=2, ms_channels=4).state_dict(), weights[variant])
+    calls = []
+    forward = networks.F3RNet.forward
+    monkeypatch.setattr(networks.F3RNet, "forward", lambda self, x: (calls.append(self.f3d), forward(self, x))[1])
+    evaluate.F3RNetEvaluation([item, {**item, "name": "second"}], str(tmp_path / "eval"), weights,
+                              fr_channels=2, ms_channels=4).run()
+    # first pair: warm-up + timed call per network; second pair: timed call only
+    assert calls == ["none", "none", "all", "all", "none", "all"]

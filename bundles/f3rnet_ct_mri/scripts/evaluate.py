@@ -122,7 +122,7 @@ class F3RNetEvaluation:
         available = {m: m == "identity" or os.path.isfile(self.weights.get(m) or "") for m in self.methods}
         networks = {m: (None if m == "identity" else self.build(m)) for m in self.methods if available[m]}
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        rows, figure = [], {}
+        rows, figure, warmed_up = [], {}, set()
         for item in tqdm(self.items, desc="evaluating pairs", unit="pair"):
             name = item.get("name") or Path(item["moving_image"]).name.split(".")[0]
             data = self.normalize({"moving_image": self.load(item["moving_image"]),
@@ -137,8 +137,9 @@ class F3RNetEvaluation:
                     ddf = torch.zeros((1, 3, *fixed.shape[1:]))
                     warped_label, seconds = moving_label, float("nan")
                 else:
-                    if self.warmup and not rows:
-                        net(pair)  # first call allocates; keep it out of the runtime
+                    if self.warmup and method not in warmed_up:
+                        net(pair)  # each network's first call allocates; keep it out of the runtime
+                        warmed_up.add(method)
                     self._sync()
                     start = time.perf_counter()
                     ddf = net(pair)
