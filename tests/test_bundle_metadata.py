@@ -37,8 +37,7 @@ def test_schema_rejects_incomplete_metadata():
 
 # bundles whose code is complete but whose weights are not trained yet (open issue); strict: once the
 # weights land this xfail fails, and the entry must be removed
-UNTRAINED = {"refdrn": "refdrn weights not trained yet (issue 3 open): models/model.pt is missing",
-             "f3rnet_ct_mri": "f3rnet_ct_mri weights not trained yet (issue 4 open): models/model.pt is missing"}
+UNTRAINED: dict[str, str] = {}  # e.g. {"refdrn": "weights not trained yet (issue N open): models/model.pt is missing"}
 
 
 @pytest.mark.parametrize("bundle", [pytest.param(b, marks=pytest.mark.xfail(reason=UNTRAINED[b], strict=True))

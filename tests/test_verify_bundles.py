@@ -15,13 +15,16 @@ def run(*args):
                           cwd=REPO_ROOT, timeout=600)
 
 
-def test_rem_sr_passes_every_check_including_torchscript_export(tmp_path):
-    result = run("rem_sr")
+def test_every_shipped_bundle_passes_every_check_with_weights_required():
+    """`make verify` as a release runs it: every bundle, weights required, TorchScript export included."""
+    result = run("--require-weights")
     assert result.returncode == 0, result.stdout + result.stderr
-    for check in ("required files", "metadata schema", "versions", "network shapes", "configs", "weights",
-                  "torchscript export"):
-        assert any(line.startswith("rem_sr") and check in line and "PASS" in line for line in result.stdout.splitlines()), check
-    assert (BUNDLES / "rem_sr" / "models" / "model.ts").is_file()
+    for bundle in ("rem_sr", "refdrn", "f3rnet_ct_mri"):
+        for check in ("required files", "metadata schema", "versions", "network shapes", "configs", "weights",
+                      "torchscript export"):
+            assert any(line.startswith(bundle + " ") and check in line and "PASS" in line
+                       for line in result.stdout.splitlines()), (bundle, check, result.stdout)
+        assert (BUNDLES / bundle / "models" / "model.ts").is_file()
 
 
 def test_a_broken_bundle_fails_with_named_checks(tmp_path):
