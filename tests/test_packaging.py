@@ -173,3 +173,33 @@ def test_version_compatibility_rule():
     assert compatible("1.2.0", "1.9.0") and not compatible("1.2.0", "2.0.0")
     with pytest.raises(PackagingError, match="MAJOR.MINOR.PATCH"):
         compatible("0.1", "0.1.0")
+
+
+def test_f3rnet_zip_runs_its_shipped_weights_after_unpacking_elsewhere(tmp_path):
+    from tools import make_abdomen_phantoms
+
+    out = tmp_path / "packages"
+    result = package("f3rnet_ct_mri", "--output-dir", out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    stem = f"f3rnet_ct_mri_v{version(BUNDLES / 'f3rnet_ct_mri')}"
+    entry = json.loads((out / "model_info.json").read_text())[stem]
+    assert hashlib.sha256((out / f"{stem}.zip").read_bytes()).hexdigest() == entry["sha256"]
+
+    work = tmp_path / "elsewhere"  # outside the repository
+    work.mkdir()
+    from monai.bundle import download
+
+    download(name="f3rnet_ct_mri", url=entry["source"], bundle_dir=str(work / "bundles"), progress=False)
+    root = work / "bundles" / "f3rnet_ct_mri"
+    assert (root / "models" / "model.pt").read_bytes() == (BUNDLES / "f3rnet_ct_mri" / "models" / "model.pt").read_bytes()
+
+    shape = (36, 40, 32)  # not a multiple of 16: the pad-then-crop path with the shipped full-width network
+    make_abdomen_phantoms.main(["--out", str(work / "phantoms"), "--n-subjects", "4", "--shape", *map(str, shape)])
+    run = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(root / "configs" / "inference.json"),
+         "--bundle_root", str(root), "--dataset_dir", str(work / "phantoms"), "--output_dir", str(work / "out")],
+        capture_output=True, text=True, env=bundle_env(), cwd=work, timeout=300)
+    assert run.returncode == 0, run.stderr[-4000:]
+    ddf = nib.load(str(work / "out" / "case003_ct" / "case003_ct_ddf.nii.gz"))
+    assert ddf.shape[:3] == shape and ddf.shape[-1] == 3
+    assert np.isfinite(np.asarray(ddf.dataobj)).all()
