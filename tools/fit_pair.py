@@ -44,11 +44,15 @@ def load_volume(path: Path) -> torch.Tensor:
     return torch.from_numpy(data)[None, None]
 
 
-def mean_dice(warped: torch.Tensor, fixed: torch.Tensor) -> float:
-    ids = [int(k) for k in torch.unique(fixed) if k > 0]
-    scores = [float(2 * ((warped == k) & (fixed == k)).sum() / max(int((warped == k).sum() + (fixed == k).sum()), 1))
-              for k in ids]
-    return float(np.mean(scores)) if scores else float("nan")
+def _label_dice():
+    """refdrn's `mean_label_dice` (mean over the labels of the fixed map, background excluded), loaded from its file:
+    the same Dice for either bundle, without importing refdrn's `scripts` package beside another bundle's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("refdrn_metrics", BUNDLES / "refdrn" / "scripts" / "metrics.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.mean_label_dice
 
 
 def bundle_loss_and_images(args, moving: torch.Tensor, fixed: torch.Tensor):
@@ -108,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         moving, fixed = F.avg_pool3d(moving, f), F.avg_pool3d(fixed, f)
         moving_label, fixed_label = moving_label[..., ::f, ::f, ::f], fixed_label[..., ::f, ::f, ::f]
     shape = moving.shape[2:]
+    mean_dice = _label_dice()
     warp, warp_label = Warp(mode="bilinear", padding_mode="border"), Warp(mode="nearest", padding_mode="zeros")
     control = torch.zeros(1, 3, *(min(args.grid, s) for s in shape), requires_grad=True)
     optimizer = torch.optim.Adam([control], lr=args.lr)

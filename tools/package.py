@@ -43,7 +43,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.niftiio import atomic_write  # noqa: E402
+from tools.niftiio import atomic_write, atomic_write_text  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = REPO_ROOT / "bundles"
@@ -174,7 +174,7 @@ def update_model_info(path: Path, entries: dict[str, dict]) -> dict:
             raise PackagingError(f"{path}: existing model_info.json is not valid JSON ({e})") from None
     info.update(entries)
     info = dict(sorted(info.items()))
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(info, indent=4) + "\n"))
+    atomic_write_text(json.dumps(info, indent=4) + "\n", path)
     return info
 
 
