@@ -99,3 +99,15 @@ def checked_datalist(datalist: str, dataset_dir: str, section: str, keys: Sequen
                      min_size: int | Sequence[int] = 1, optional_keys: Sequence[str] = ()) -> list[dict]:
     """`load_datalist` + `check_items`, as one callable for configs (``_target_``)."""
     return check_items(load_datalist(datalist, dataset_dir, section), keys, min_size, optional_keys)
+
+
+def config_flag(value, name: str) -> bool:
+    """A boolean config key given as a bool or as the string a command line produces
+    (`--key false` reaches the config as the string "false", which Python would call true)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "false", "0", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise BundleInputError(f"{name} must be true or false, got {value!r}")
