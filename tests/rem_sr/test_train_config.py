@@ -43,3 +43,16 @@ def test_intensity_augmentation_rejects_a_non_boolean():
     checks = load_bundle_scripts("rem_sr", "checks")
     with pytest.raises(checks.BundleInputError, match="intensity_augmentation must be true or false"):
         training_transforms(intensity_augmentation="maybe")
+
+
+def test_train_runs_with_intensity_augmentation_through_the_bundle_runner(brain_data, tmp_path):
+    from tests.helpers import run_bundle
+
+    result = run_bundle("rem_sr", ["train.json"], {
+        "patch_size": [16, 16, 16], "batch_size": 2, "max_iterations": 2, "val_interval": 2,
+        "val_roi_size": [24, 24, 24], "num_workers": 0, "rem_k": 4, "rem_n": 2,
+        "intensity_augmentation": "true", "dataset_dir": str(brain_data),
+        "datalist": str(brain_data / "datalist.json"), "ckpt_dir": str(tmp_path / "models"),
+        "log_dir": str(tmp_path / "logs")})
+    assert "val_psnr" in result.stdout + result.stderr
+    assert (tmp_path / "models" / "model.pt").exists()
