@@ -4,7 +4,7 @@ import pytest
 from monai.bundle import ConfigParser
 from monai.transforms import RandAdjustContrastd
 
-from tests.helpers import BUNDLES, load_bundle_scripts
+from tests.helpers import BUNDLES, load_bundle_scripts, run_bundle
 
 
 def training_transforms(**overrides) -> list:
@@ -46,8 +46,6 @@ def test_intensity_augmentation_rejects_a_non_boolean():
 
 
 def test_train_runs_with_intensity_augmentation_through_the_bundle_runner(brain_data, tmp_path):
-    from tests.helpers import run_bundle
-
     result = run_bundle("rem_sr", ["train.json"], {
         "patch_size": [16, 16, 16], "batch_size": 2, "max_iterations": 2, "val_interval": 2,
         "val_roi_size": [24, 24, 24], "num_workers": 0, "rem_k": 4, "rem_n": 2,
