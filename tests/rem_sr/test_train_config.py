@@ -2,7 +2,7 @@
 
 import pytest
 from monai.bundle import ConfigParser
-from monai.transforms import RandAdjustContrastd
+from monai.transforms import RandAdjustContrastd, RandBiasFieldd, RandScaleIntensityd
 
 from tests.helpers import BUNDLES, load_bundle_scripts, run_bundle
 
@@ -24,19 +24,26 @@ def training_transforms(**overrides) -> list:
 @pytest.mark.parametrize("flag", [False, "false", "False", 0])
 def test_intensity_augmentation_is_off_by_default_and_when_false(flag):
     default = training_transforms()
-    assert not any(isinstance(t, RandAdjustContrastd) for t in default)
+    augmenters = (RandAdjustContrastd, RandScaleIntensityd, RandBiasFieldd)
+    assert not any(isinstance(t, augmenters) for t in default)
     assert [type(t) for t in training_transforms(intensity_augmentation=flag)] == [type(t) for t in default]
 
 
 @pytest.mark.parametrize("flag", [True, "true", "True"])
-def test_intensity_augmentation_adds_gamma_before_the_degradation(flag):
-    transforms = training_transforms(intensity_augmentation=flag, gamma_prob=0.7, gamma_range=[0.8, 1.2])
+def test_intensity_augmentation_acts_on_the_hr_volume_before_the_degradation(flag):
+    transforms = training_transforms(intensity_augmentation=flag, gamma_prob=0.7, gamma_range=[0.8, 1.2],
+                                     scale_intensity_prob=0.4, scale_intensity_factors=[-0.1, 0.2],
+                                     bias_field_prob=0.2, bias_field_coeff=[0.0, 0.05])
     names = [type(t).__name__ for t in transforms]
-    gamma = names.index("RandAdjustContrastd")
-    # gamma acts on the HR volume, before it is copied to the target and degraded into the input
-    assert gamma < names.index("CopyItemsd") < names.index("MultiScaleDegraded")
-    assert transforms[gamma].prob == pytest.approx(0.7)
-    assert transforms[gamma].adjuster.gamma == (0.8, 1.2)
+    # each acts on the HR volume, before it is copied to the target and degraded into the input,
+    # so the input and the target always share the contrast
+    augmenters = ["RandAdjustContrastd", "RandScaleIntensityd", "RandBiasFieldd"]
+    assert max(names.index(a) for a in augmenters) < names.index("CopyItemsd") < names.index("MultiScaleDegraded")
+    gamma, scale, bias = (transforms[names.index(a)] for a in augmenters)
+    assert gamma.prob == pytest.approx(0.7) and gamma.adjuster.gamma == (0.8, 1.2)
+    assert scale.prob == pytest.approx(0.4)
+    assert tuple(scale.scaler.factors) == (-0.1, 0.2)
+    assert bias.prob == pytest.approx(0.2) and tuple(bias.rand_bias_field.coeff_range) == (0.0, 0.05)
 
 
 def test_intensity_augmentation_rejects_a_non_boolean():
@@ -46,11 +53,49 @@ def test_intensity_augmentation_rejects_a_non_boolean():
 
 
 def test_train_runs_with_intensity_augmentation_through_the_bundle_runner(brain_data, tmp_path):
+    # batch_size 3 puts all three training volumes in one batch: two have a "mask" entry and
+    # nibabel's anatomical.nii has none, which must not break the collation
     result = run_bundle("rem_sr", ["train.json"], {
-        "patch_size": [16, 16, 16], "batch_size": 2, "max_iterations": 2, "val_interval": 2,
+        "patch_size": [16, 16, 16], "batch_size": 3, "max_iterations": 2, "val_interval": 2,
         "val_roi_size": [24, 24, 24], "num_workers": 0, "rem_k": 4, "rem_n": 2,
         "intensity_augmentation": "true", "dataset_dir": str(brain_data),
         "datalist": str(brain_data / "datalist.json"), "ckpt_dir": str(tmp_path / "models"),
         "log_dir": str(tmp_path / "logs")})
     assert "val_psnr" in result.stdout + result.stderr
     assert (tmp_path / "models" / "model.pt").exists()
+
+
+def _tiny_train(brain_data, tmp_path, check=True, **overrides):
+    return run_bundle("rem_sr", ["train.json"], {
+        "patch_size": [16, 16, 16], "batch_size": 1, "max_iterations": 1, "val_interval": 1,
+        "val_roi_size": [24, 24, 24], "num_workers": 0, "rem_k": 4, "rem_n": 2,
+        "dataset_dir": str(brain_data), "datalist": str(brain_data / "datalist.json"),
+        "ckpt_dir": str(tmp_path / "models"), "log_dir": str(tmp_path / "logs"), **overrides}, check=check)
+
+
+def test_pretrained_weights_initialise_the_network(brain_data, tmp_path):
+    import torch
+
+    networks = load_bundle_scripts("rem_sr", "networks")
+    torch.manual_seed(7)
+    start = networks.REM(k=4, n=2).state_dict()
+    torch.save(start, tmp_path / "start.pt")
+    # a learning rate of 1e-12 leaves the weights where they started, so the saved model must
+    # equal the pretrained one (and differ from the seeded random initialisation of the run)
+    _tiny_train(brain_data, tmp_path, pretrained_weights=str(tmp_path / "start.pt"), learning_rate=1e-12,
+                min_lr=1e-12)
+    saved = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
+    assert saved.keys() == start.keys()
+    for key in start:
+        torch.testing.assert_close(saved[key], start[key], atol=1e-6, rtol=0)
+
+
+def test_pretrained_weights_of_another_network_fail_clearly_before_training(brain_data, tmp_path):
+    import torch
+
+    networks = load_bundle_scripts("rem_sr", "networks")
+    torch.save(networks.REM(k=8, n=2).state_dict(), tmp_path / "k8.pt")
+    result = _tiny_train(brain_data, tmp_path, pretrained_weights=str(tmp_path / "k8.pt"), check=False)
+    assert result.returncode != 0
+    assert "weights do not match the configured network REM" in result.stderr
+    assert not (tmp_path / "models" / "model.pt").exists()
