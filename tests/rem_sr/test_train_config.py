@@ -2,7 +2,7 @@
 
 import pytest
 from monai.bundle import ConfigParser
-from monai.transforms import RandAdjustContrastd, RandBiasFieldd, RandScaleIntensityd
+from monai.transforms import RandAdjustContrastd, RandBiasFieldd, RandScaleIntensityd, RandZoomd
 
 from tests.helpers import BUNDLES, load_bundle_scripts, run_bundle
 
@@ -24,7 +24,7 @@ def training_transforms(**overrides) -> list:
 @pytest.mark.parametrize("flag", [False, "false", "False", 0])
 def test_intensity_augmentation_is_off_by_default_and_when_false(flag):
     default = training_transforms()
-    augmenters = (RandAdjustContrastd, RandScaleIntensityd, RandBiasFieldd)
+    augmenters = (RandZoomd, RandAdjustContrastd, RandScaleIntensityd, RandBiasFieldd)
     assert not any(isinstance(t, augmenters) for t in default)
     assert [type(t) for t in training_transforms(intensity_augmentation=flag)] == [type(t) for t in default]
 
@@ -46,6 +46,20 @@ def test_intensity_augmentation_acts_on_the_hr_volume_before_the_degradation(fla
     assert bias.prob == pytest.approx(0.2) and tuple(bias.rand_bias_field.coeff_range) == (0.0, 0.05)
 
 
+@pytest.mark.parametrize("flag", [True, "true"])
+def test_zoom_augmentation_shrinks_the_hr_anatomy_before_the_degradation(flag):
+    transforms = training_transforms(zoom_augmentation=flag, zoom_prob=0.6, zoom_range=[0.8, 0.9])
+    names = [type(t).__name__ for t in transforms]
+    assert "RandAdjustContrastd" not in names  # independent of the intensity augmentation
+    zoom = transforms[names.index("RandZoomd")]
+    assert names.index("RandZoomd") < names.index("CopyItemsd") < names.index("MultiScaleDegraded")
+    assert zoom.prob == pytest.approx(0.6)
+    assert (tuple(zoom.rand_zoom.min_zoom), tuple(zoom.rand_zoom.max_zoom)) == ((0.8,), (0.9,))
+    # the zoomed volume keeps its new size: anatomy gets denser on the same 1 mm voxel grid
+    assert zoom.rand_zoom.keep_size is False
+    assert zoom.rand_zoom.mode == "area"  # area averaging: no aliasing when shrinking
+
+
 def test_intensity_augmentation_rejects_a_non_boolean():
     checks = load_bundle_scripts("rem_sr", "checks")
     with pytest.raises(checks.BundleInputError, match="intensity_augmentation must be true or false"):
@@ -58,7 +72,8 @@ def test_train_runs_with_intensity_augmentation_through_the_bundle_runner(brain_
     result = run_bundle("rem_sr", ["train.json"], {
         "patch_size": [16, 16, 16], "batch_size": 3, "max_iterations": 2, "val_interval": 2,
         "val_roi_size": [24, 24, 24], "num_workers": 0, "rem_k": 4, "rem_n": 2,
-        "intensity_augmentation": "true", "dataset_dir": str(brain_data),
+        "intensity_augmentation": "true", "zoom_augmentation": "true", "zoom_prob": 1.0,
+        "dataset_dir": str(brain_data),
         "datalist": str(brain_data / "datalist.json"), "ckpt_dir": str(tmp_path / "models"),
         "log_dir": str(tmp_path / "logs")})
     assert "val_psnr" in result.stdout + result.stderr
@@ -99,3 +114,27 @@ def test_pretrained_weights_of_another_network_fail_clearly_before_training(brai
     assert result.returncode != 0
     assert "weights do not match the configured network REM" in result.stderr
     assert not (tmp_path / "models" / "model.pt").exists()
+
+
+def test_zoom_augmentation_needs_volumes_that_hold_a_patch_after_shrinking(brain_data, tmp_path):
+    # nibabel's anatomical.nii is 33x41x25: a 24^3 patch fits, but not once it is zoomed by 0.7
+    checks = load_bundle_scripts("rem_sr", "checks")
+    overrides = {"dataset_dir": str(brain_data), "datalist": str(brain_data / "datalist.json"),
+                 "patch_size": [24, 24, 24]}
+    assert len(training_datalist(**overrides)) == 3
+    with pytest.raises(checks.BundleInputError, match=r"anatomical_T1w.nii.gz: shape \(33, 41, 25\) is smaller than the minimum \(35, 35, 35\)"):
+        training_datalist(zoom_augmentation=True, zoom_range=[0.7, 1.0], **overrides)
+
+
+def training_datalist(**overrides) -> list:
+    checks = load_bundle_scripts("rem_sr", "checks")
+    parser = ConfigParser()
+    parser.read_config(str(BUNDLES / "rem_sr" / "configs" / "train.json"))
+    parser.update({"bundle_root": str(BUNDLES / "rem_sr"), **overrides})
+    parser.parse()
+    try:
+        return parser.get_parsed_content("train#datalist")
+    except Exception as e:
+        while e.__cause__ is not None and not isinstance(e, checks.BundleInputError):
+            e = e.__cause__
+        raise e
