@@ -146,12 +146,13 @@ def make_pair_dataset(root: Path, shape=(32, 40, 32)) -> Path:
     return root
 
 
-def ddp_probes(tmp_path) -> dict:
+def ddp_probes(tmp_path, item_id: str = "d['name']") -> dict:
     """Config overrides for a torchrun test: per-rank ckpt_dir/log_dir (models_rank<r>, logs_rank<r>), so what each
-    rank writes can be told apart, and a collate_fn that logs the datalist names of every training batch to
-    shard_rank<r>.txt (one line per batch) before MONAI's list_data_collate."""
+    rank writes can be told apart, and a collate_fn that logs an id of every item of every training batch
+    (`item_id`, an expression of the item `d`; by default its datalist name) to shard_rank<r>.txt (one line per
+    batch) before MONAI's list_data_collate."""
     rank = "os.environ['RANK']"
-    names = "[d['name'] for x in items for d in (x if isinstance(x, list) else [x])]"
+    names = f"[{item_id} for x in items for d in (x if isinstance(x, list) else [x])]"
     return {"ckpt_dir": f"$'{tmp_path}/models_rank' + {rank}", "log_dir": f"$'{tmp_path}/logs_rank' + {rank}",
             "train#dataloader#collate_fn": f"$lambda items, _f='{tmp_path}/shard_rank' + {rank} + '.txt': "
                                            f"(open(_f, 'a').write('|'.join(sorted(os.path.basename(str(n)) for n in "

@@ -112,7 +112,7 @@ def test_refdrn_exports_the_full_cascade_with_rem(tmp_path):
     assert table["model.ts"].startswith("PASS"), result.stdout
     assert "traced" in table["model.ts"] and "scripting failed" in table["model.ts"]  # and it says why
     root = copies / "refdrn"
-    assert embedded_ts_files(root / "models" / "model.ts")["metadata.json"]["bundle_dependencies"] == {"rem_sr": "0.1.0"}
+    assert embedded_ts_files(root / "models" / "model.ts")["metadata.json"]["bundle_dependencies"] == {"rem_sr": "0.2.0"}
 
     # the exported graph is REM -> backbone: it matches the cascade, not the backbone alone
     networks = load_bundle_scripts("refdrn", "networks")

@@ -138,7 +138,7 @@ def test_a_missing_dependency_is_one_clear_error_and_nothing_is_written(copies, 
     (lonely / "refdrn").symlink_to(copies / "refdrn", target_is_directory=True)
     result = package("refdrn", "--bundles-dir", lonely, "--output-dir", tmp_path / "out")
     assert result.returncode == 1
-    assert "error: refdrn depends on bundle rem_sr 0.1.0" in result.stderr
+    assert "error: refdrn depends on bundle rem_sr 0.2.0" in result.stderr
     assert f"{lonely / 'rem_sr'} is not a bundle" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
@@ -151,13 +151,16 @@ def test_an_incompatible_or_untrained_dependency_is_rejected(copies, tmp_path):
     shutil.copytree(copies, bundles)
     meta_path = bundles / "rem_sr" / "configs" / "metadata.json"
     meta = json.loads(meta_path.read_text())
-    meta["version"] = "0.2.0"
-    meta["changelog"]["0.2.0"] = "a newer, incompatible release"
+    declared = json.loads((bundles / "refdrn" / "configs" / "metadata.json").read_text())["bundle_dependencies"]
+    major, minor, _ = (int(v) for v in declared["rem_sr"].split("."))
+    newer_minor, later_patch = f"{major}.{minor + 1}.0", f"{major}.{minor}.3"
+    meta["version"] = newer_minor
+    meta["changelog"][newer_minor] = "a newer, incompatible release"
     meta_path.write_text(json.dumps(meta))
     result = package("refdrn", "--bundles-dir", bundles, "--output-dir", tmp_path / "out")
     assert result.returncode == 1
-    assert "has version 0.2.0, which is not compatible" in result.stderr
-    meta["version"] = "0.1.3"  # a later patch of the same series is fine ...
+    assert f"has version {newer_minor}, which is not compatible" in result.stderr
+    meta["version"] = later_patch  # a later patch of the same series is fine ...
     meta_path.write_text(json.dumps(meta))
     assert package("refdrn", "--bundles-dir", bundles, "--output-dir", tmp_path / "out").returncode == 0
     (bundles / "rem_sr" / "models" / "model.pt").unlink()  # ... but not without its weights

@@ -21,7 +21,7 @@ the zip's file:// URL by default, which `python -m monai.bundle download --url` 
 other bundles or versions in that file are kept.
 
 Dependencies between bundles are declared in metadata.json as "bundle_dependencies": {"<name>": "<version>"}
-(refdrn: {"rem_sr": "0.1.0"}). Packaging checks that every declared bundle exists under the bundles folder, has
+(refdrn: {"rem_sr": "0.2.0"}). Packaging checks that every declared bundle exists under the bundles folder, has
 weights and a compatible version: the same major version (the same minor version while the major is 0), and not
 older than the declared one. Download dependent bundles into the same --bundle_dir: refdrn finds rem_sr as its
 sibling folder (`rem_bundle` = bundle_root/../rem_sr).

@@ -3,6 +3,7 @@ anatomical.nii, on CPU."""
 
 import csv
 import json
+import os
 
 import nibabel as nib
 import numpy as np
@@ -104,7 +105,9 @@ def test_evaluate_writes_tables_and_figure(trained, brain_data, tmp_path):
 def ddp_run(brain_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("rem_ddp")
     run_bundle("rem_sr", ["train.json", "multi_gpu_train.json"], {**TINY_TRAIN, "dataset_dir": str(brain_data),
-               "datalist": str(brain_data / "datalist.json"), **ddp_probes(out)}, torchrun_nproc=2)
+               "datalist": str(brain_data / "datalist.json"),
+               # training items reach the collate as image + label only: identify them by the image's file
+               **ddp_probes(out, item_id="d['image'].meta['filename_or_obj']")}, torchrun_nproc=2)
     return out
 
 
@@ -112,7 +115,7 @@ def test_multi_gpu_train_with_two_gloo_processes(ddp_run, brain_data):
     state = torch.load(ddp_run / "models_rank0" / "model.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
     training = json.loads((brain_data / "datalist.json").read_text())["training"]
-    assert_disjoint_shards_and_rank0_checkpoints(ddp_run, {item["name"] for item in training})
+    assert_disjoint_shards_and_rank0_checkpoints(ddp_run, {os.path.basename(item["image"]) for item in training})
 
 
 def test_multi_gpu_rank1_writes_no_files(ddp_run):
