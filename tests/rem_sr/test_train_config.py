@@ -1,24 +1,34 @@
 """rem_sr's train.json options that change the training pipeline, checked by parsing the config."""
 
 import pytest
+import torch
 from monai.bundle import ConfigParser
 from monai.transforms import RandAdjustContrastd, RandBiasFieldd, RandScaleIntensityd, RandZoomd
 
 from tests.helpers import BUNDLES, load_bundle_scripts, run_bundle
 
 
-def training_transforms(**overrides) -> list:
+def parsed_train_item(item_id: str, **overrides):
+    """One parsed item of rem_sr's train.json, with the bundle's own error (not the parser's wrapper)."""
     checks = load_bundle_scripts("rem_sr", "checks")  # puts rem_sr's `scripts` first on sys.path
     parser = ConfigParser()
     parser.read_config(str(BUNDLES / "rem_sr" / "configs" / "train.json"))
     parser.update({"bundle_root": str(BUNDLES / "rem_sr"), **overrides})
     parser.parse()
     try:
-        return list(parser.get_parsed_content("train#preprocessing").transforms)
+        return parser.get_parsed_content(item_id)
     except Exception as e:  # the parser wraps the callable's error
         while e.__cause__ is not None and not isinstance(e, checks.BundleInputError):
             e = e.__cause__
         raise e
+
+
+def training_transforms(**overrides) -> list:
+    return list(parsed_train_item("train#preprocessing", **overrides).transforms)
+
+
+def training_datalist(**overrides) -> list:
+    return parsed_train_item("train#datalist", **overrides)
 
 
 @pytest.mark.parametrize("flag", [False, "false", "False", 0])
@@ -66,20 +76,6 @@ def test_intensity_augmentation_rejects_a_non_boolean():
         training_transforms(intensity_augmentation="maybe")
 
 
-def test_train_runs_with_intensity_augmentation_through_the_bundle_runner(brain_data, tmp_path):
-    # batch_size 3 puts all three training volumes in one batch: two have a "mask" entry and
-    # nibabel's anatomical.nii has none, which must not break the collation
-    result = run_bundle("rem_sr", ["train.json"], {
-        "patch_size": [16, 16, 16], "batch_size": 3, "max_iterations": 2, "val_interval": 2,
-        "val_roi_size": [24, 24, 24], "num_workers": 0, "rem_k": 4, "rem_n": 2,
-        "intensity_augmentation": "true", "zoom_augmentation": "true", "zoom_prob": 1.0,
-        "dataset_dir": str(brain_data),
-        "datalist": str(brain_data / "datalist.json"), "ckpt_dir": str(tmp_path / "models"),
-        "log_dir": str(tmp_path / "logs")})
-    assert "val_psnr" in result.stdout + result.stderr
-    assert (tmp_path / "models" / "model.pt").exists()
-
-
 def _tiny_train(brain_data, tmp_path, check=True, **overrides):
     return run_bundle("rem_sr", ["train.json"], {
         "patch_size": [16, 16, 16], "batch_size": 1, "max_iterations": 1, "val_interval": 1,
@@ -88,9 +84,16 @@ def _tiny_train(brain_data, tmp_path, check=True, **overrides):
         "ckpt_dir": str(tmp_path / "models"), "log_dir": str(tmp_path / "logs"), **overrides}, check=check)
 
 
-def test_pretrained_weights_initialise_the_network(brain_data, tmp_path):
-    import torch
+def test_train_runs_with_intensity_augmentation_through_the_bundle_runner(brain_data, tmp_path):
+    # batch_size 3 puts all three training volumes in one batch: two have a "mask" entry and
+    # nibabel's anatomical.nii has none, which must not break the collation
+    result = _tiny_train(brain_data, tmp_path, batch_size=3, max_iterations=2, val_interval=2,
+                         intensity_augmentation="true", zoom_augmentation="true", zoom_prob=1.0)
+    assert "val_psnr" in result.stdout + result.stderr
+    assert (tmp_path / "models" / "model.pt").exists()
 
+
+def test_pretrained_weights_initialise_the_network(brain_data, tmp_path):
     networks = load_bundle_scripts("rem_sr", "networks")
     torch.manual_seed(7)
     start = networks.REM(k=4, n=2).state_dict()
@@ -106,8 +109,6 @@ def test_pretrained_weights_initialise_the_network(brain_data, tmp_path):
 
 
 def test_pretrained_weights_of_another_network_fail_clearly_before_training(brain_data, tmp_path):
-    import torch
-
     networks = load_bundle_scripts("rem_sr", "networks")
     torch.save(networks.REM(k=8, n=2).state_dict(), tmp_path / "k8.pt")
     result = _tiny_train(brain_data, tmp_path, pretrained_weights=str(tmp_path / "k8.pt"), check=False)
@@ -125,16 +126,3 @@ def test_zoom_augmentation_needs_volumes_that_hold_a_patch_after_shrinking(brain
     with pytest.raises(checks.BundleInputError, match=r"anatomical_T1w.nii.gz: shape \(33, 41, 25\) is smaller than the minimum \(35, 35, 35\)"):
         training_datalist(zoom_augmentation=True, zoom_range=[0.7, 1.0], **overrides)
 
-
-def training_datalist(**overrides) -> list:
-    checks = load_bundle_scripts("rem_sr", "checks")
-    parser = ConfigParser()
-    parser.read_config(str(BUNDLES / "rem_sr" / "configs" / "train.json"))
-    parser.update({"bundle_root": str(BUNDLES / "rem_sr"), **overrides})
-    parser.parse()
-    try:
-        return parser.get_parsed_content("train#datalist")
-    except Exception as e:
-        while e.__cause__ is not None and not isinstance(e, checks.BundleInputError):
-            e = e.__cause__
-        raise e
