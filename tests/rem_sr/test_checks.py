@@ -75,3 +75,17 @@ def test_datalist_errors(tmp_path):
     (tmp_path / "dl.json").write_text(json.dumps({"test": [{"image": "absent.nii.gz"}]}))
     with pytest.raises(checks.BundleInputError, match="absent.nii.gz: file not found"):
         checks.checked_datalist(str(tmp_path / "dl.json"), str(tmp_path), "test", ["image"])
+
+
+def test_load_checked_weights_takes_a_state_dict_or_a_training_checkpoint(tmp_path):
+    torch.manual_seed(3)
+    source = networks.REM(k=4, n=1)
+    torch.save(source.state_dict(), tmp_path / "model.pt")
+    # CheckpointSaver's training checkpoints hold the weights under "model", next to optimiser state
+    torch.save({"model": source.state_dict(), "optimizer": {"state": {}}}, tmp_path / "checkpoint.pt")
+    for name in ("model.pt", "checkpoint.pt"):
+        target = checks.load_checked_weights(str(tmp_path / name), networks.REM(k=4, n=1))
+        for key, value in source.state_dict().items():
+            torch.testing.assert_close(target.state_dict()[key], value, rtol=0, atol=0)
+    with pytest.raises(checks.BundleInputError, match="weights do not match the configured network REM"):
+        checks.load_checked_weights(str(tmp_path / "checkpoint.pt"), networks.REM(k=8, n=1))

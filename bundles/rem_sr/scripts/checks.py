@@ -69,6 +69,20 @@ def check_items(items: list[dict], keys: Sequence[str], min_size: int | Sequence
 
 def check_weights(path: str, network: torch.nn.Module) -> str:
     """Check that `path` holds a state dict that fits `network` exactly; returns the path."""
+    checked_state(path, network)
+    return path
+
+
+def load_checked_weights(path: str, network: torch.nn.Module) -> torch.nn.Module:
+    """Load the weights at `path` (a state dict or a training checkpoint with a "model" entry) into
+    `network` after `check_weights`' checks; returns the network."""
+    network.load_state_dict(checked_state(path, network))
+    return network
+
+
+def checked_state(path: str, network: torch.nn.Module) -> dict:
+    """The state dict at `path` (unwrapped from a training checkpoint's "model" entry), if it fits
+    `network` exactly; one BundleInputError naming the path otherwise."""
     if not os.path.isfile(path):
         raise BundleInputError(f"{path}: weights file not found")
     try:
@@ -92,7 +106,7 @@ def check_weights(path: str, network: torch.nn.Module) -> str:
             details.append(f"{len(wrong)} of wrong shape (e.g. {wrong[0]}: {found[wrong[0]]} vs {expected[wrong[0]]})")
         raise BundleInputError(f"{path}: weights do not match the configured network "
                                f"{type(network).__name__}: " + "; ".join(details))
-    return path
+    return state
 
 
 def checked_datalist(datalist: str, dataset_dir: str, section: str, keys: Sequence[str],

@@ -28,7 +28,7 @@ from monai.metrics.regression import compute_ssim_and_cs
 from monai.transforms import EnsureChannelFirst, LoadImage
 from tqdm import tqdm
 
-from .checks import check_weights
+from .checks import load_checked_weights
 from .degradation import downsample, upsample
 
 METHOD_LABELS = {"nearest": "NN", "trilinear": "Trilinear", "bspline": "B-spline", "rem": "REM"}
@@ -98,9 +98,7 @@ class SREvaluation:
 
     def run(self) -> dict:
         if self.ckpt_path is not None:
-            check_weights(self.ckpt_path, self.network)
-            state = torch.load(self.ckpt_path, map_location=self.device, weights_only=True)
-            self.network.load_state_dict(state)
+            load_checked_weights(self.ckpt_path, self.network)
         self.network.eval()
         self.output_dir.mkdir(parents=True, exist_ok=True)
         rows, figure_data = [], {}
