@@ -9,7 +9,7 @@ PACKAGE_OUT ?= outputs/packages
 DEPLOY_VENV := .venv-deploy
 DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
 
-.PHONY: demo test verify export package deploy-venv test-deploy data pairs phantoms train-rem evaluate-rem evaluate-refdrn evaluate-f3rnet clean
+.PHONY: demo test lint format verify export package deploy-venv test-deploy data pairs phantoms train-rem evaluate-rem evaluate-refdrn evaluate-f3rnet clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-optional.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,16 +28,26 @@ phantoms: $(STAMP)
 demo: data
 	$(PY) -m monai.bundle run --config_file bundles/rem_sr/configs/inference.json \
 		--bundle_root bundles/rem_sr --output_dir $(DEMO_OUT)/rem_sr
-	$(PY) -m monai.bundle run --config_file bundles/rem_sr/configs/evaluate.json \
-		--bundle_root bundles/rem_sr --output_dir $(DEMO_OUT)/rem_sr/evaluation
+	$(PY) tools/compare_methods.py rem_sr --output_dir $(DEMO_OUT)/rem_sr/evaluation
 	@echo
 	@echo "rem_sr demo outputs (LR input, SR output, HR reference):"
 	@find $(DEMO_OUT)/rem_sr -name "*.nii.gz" | sort
-	@echo "rem_sr figure: $(DEMO_OUT)/rem_sr/evaluation/sr_comparison.png"
+	@echo "rem_sr table: $(DEMO_OUT)/rem_sr/evaluation/comparison.md"
+	@echo "rem_sr figure: $(DEMO_OUT)/rem_sr/evaluation/eval_scale_4/rem/sr_rem_x4.png"
 
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# ruff lint + format check (pyproject.toml); `make format` applies both
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) tools/sync_common.py --check
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 verify: $(STAMP)
 	$(PY) tools/verify_bundles.py --require-weights
@@ -64,14 +74,17 @@ test-deploy: $(STAMP) $(DEPLOY_STAMP)
 train-rem: data
 	$(PY) -m monai.bundle run --config_file bundles/rem_sr/configs/train.json --bundle_root bundles/rem_sr
 
+# every method of the model card's table (tools/compare_methods.py); CARD=1 also fills the card and eval_metrics
+COMPARE = $(PY) tools/compare_methods.py $(if $(CARD),--card)
+
 evaluate-rem: data
-	$(PY) -m monai.bundle run --config_file bundles/rem_sr/configs/evaluate.json --bundle_root bundles/rem_sr
+	$(COMPARE) rem_sr
 
 evaluate-refdrn: pairs
-	$(PY) -m monai.bundle run --config_file bundles/refdrn/configs/evaluate.json --bundle_root bundles/refdrn
+	$(COMPARE) refdrn
 
 evaluate-f3rnet: phantoms
-	$(PY) -m monai.bundle run --config_file bundles/f3rnet_ct_mri/configs/evaluate.json --bundle_root bundles/f3rnet_ct_mri
+	$(COMPARE) f3rnet_ct_mri
 
 clean:
 	rm -rf $(DEMO_OUT) $(PACKAGE_OUT) bundles/*/eval bundles/*/logs

@@ -64,8 +64,11 @@ def make_brain_dataset(root: Path, n_train: int = 2, shape=(40, 48, 40)) -> Path
     data = np.clip(data / np.percentile(data[data > 0], 99.5), 0, 1)
     nib.save(nib.Nifti1Image(data, anat.affine), str(root / "anatomical_T1w.nii.gz"))
     anat_item = {"name": "anatomical", "image": "anatomical_T1w.nii.gz"}
-    datalist = {"training": items[:n_train] + [anat_item], "validation": [items[n_train]],
-                "test": [items[n_train + 1], anat_item]}
+    datalist = {
+        "training": items[:n_train] + [anat_item],
+        "validation": [items[n_train]],
+        "test": [items[n_train + 1], anat_item],
+    }
     (root / "datalist.json").write_text(json.dumps(datalist, indent=2))
     lr_items = []
     for item in datalist["test"]:
@@ -90,15 +93,31 @@ def bundle_env() -> dict:
     return env
 
 
-def run_bundle(bundle: str, configs: list[str], overrides: dict | None = None, check: bool = True,
-               torchrun_nproc: int | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_bundle(
+    bundle: str,
+    configs: list[str],
+    overrides: dict | None = None,
+    check: bool = True,
+    torchrun_nproc: int | None = None,
+    timeout: int = 600,
+) -> subprocess.CompletedProcess:
     """Run `python -m monai.bundle run` (or torchrun) on a bundle config from the repo root."""
     root = BUNDLES / bundle
     files = [str(root / "configs" / c) for c in configs]
     config_arg = files[0] if len(files) == 1 else json.dumps(files)
     if torchrun_nproc:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(torchrun_nproc),
-               "--master_port", str(29500 + os.getpid() % 1000), "-m", "monai.bundle", "run"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(torchrun_nproc),
+            "--master_port",
+            str(29500 + os.getpid() % 1000),
+            "-m",
+            "monai.bundle",
+            "run",
+        ]
     else:
         cmd = [sys.executable, "-m", "monai.bundle", "run"]
     cmd += ["--config_file", config_arg, "--bundle_root", str(root)]
@@ -106,8 +125,10 @@ def run_bundle(bundle: str, configs: list[str], overrides: dict | None = None, c
         cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
     result = subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, env=bundle_env(), timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"bundle run failed ({result.returncode}):\n{' '.join(cmd)}\n"
-                             f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-6000:]}")
+        raise AssertionError(
+            f"bundle run failed ({result.returncode}):\n{' '.join(cmd)}\n"
+            f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-6000:]}"
+        )
     return result
 
 
@@ -138,8 +159,13 @@ def make_pair_dataset(root: Path, shape=(32, 40, 32)) -> Path:
         save_nifti(labels, root / f"sub{i}_labels.nii.gz")
 
     def pair(f, m):
-        return {"name": f"sub{m}_to_sub{f}", "fixed_image": f"sub{f}_T1w.nii.gz", "moving_image": f"sub{m}_T1w.nii.gz",
-                "fixed_label": f"sub{f}_labels.nii.gz", "moving_label": f"sub{m}_labels.nii.gz"}
+        return {
+            "name": f"sub{m}_to_sub{f}",
+            "fixed_image": f"sub{f}_T1w.nii.gz",
+            "moving_image": f"sub{m}_T1w.nii.gz",
+            "fixed_label": f"sub{f}_labels.nii.gz",
+            "moving_label": f"sub{m}_labels.nii.gz",
+        }
 
     datalist = {"training": [pair(0, 1), pair(1, 0)], "validation": [pair(0, 2)], "test": [pair(2, 3), pair(3, 2)]}
     (root / "datalist.json").write_text(json.dumps(datalist, indent=2))
@@ -153,10 +179,13 @@ def ddp_probes(tmp_path, item_id: str = "d['name']") -> dict:
     batch) before MONAI's list_data_collate."""
     rank = "os.environ['RANK']"
     names = f"[{item_id} for x in items for d in (x if isinstance(x, list) else [x])]"
-    return {"ckpt_dir": f"$'{tmp_path}/models_rank' + {rank}", "log_dir": f"$'{tmp_path}/logs_rank' + {rank}",
-            "train#dataloader#collate_fn": f"$lambda items, _f='{tmp_path}/shard_rank' + {rank} + '.txt': "
-                                           f"(open(_f, 'a').write('|'.join(sorted(os.path.basename(str(n)) for n in "
-                                           f"{names})) + chr(10)), monai.data.list_data_collate(items))[1]"}
+    return {
+        "ckpt_dir": f"$'{tmp_path}/models_rank' + {rank}",
+        "log_dir": f"$'{tmp_path}/logs_rank' + {rank}",
+        "train#dataloader#collate_fn": f"$lambda items, _f='{tmp_path}/shard_rank' + {rank} + '.txt': "
+        f"(open(_f, 'a').write('|'.join(sorted(os.path.basename(str(n)) for n in "
+        f"{names})) + chr(10)), monai.data.list_data_collate(items))[1]",
+    }
 
 
 def assert_disjoint_shards_and_rank0_checkpoints(tmp_path, all_names: set[str]) -> None:
@@ -169,6 +198,7 @@ def assert_disjoint_shards_and_rank0_checkpoints(tmp_path, all_names: set[str]) 
     assert (tmp_path / "models_rank0" / "model.pt").is_file()
     assert (tmp_path / "models_rank0" / "checkpoint_final.pt").is_file()
     assert any((tmp_path / "logs_rank0").glob("events.out.tfevents*"))
+    assert not list((tmp_path / "logs_rank1").rglob("events.out.tfevents*"))  # TensorBoard on rank 0 only
     assert (tmp_path / "models_rank1").is_dir() and not list((tmp_path / "models_rank1").iterdir())
 
 

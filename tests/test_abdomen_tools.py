@@ -28,8 +28,7 @@ def sha256(path):
 @pytest.fixture(scope="module")
 def phantom_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("phantoms")
-    assert phantoms.main(["--out", str(out), "--n-subjects", "3", "--seed", "0",
-                          "--shape", *map(str, SHAPE)]) == 0
+    assert phantoms.main(["--out", str(out), "--n-subjects", "3", "--seed", "0", "--shape", *map(str, SHAPE)]) == 0
     return out
 
 
@@ -42,6 +41,7 @@ def subjects():
 # ------------------------------------------------------------------------------------------------
 # phantoms
 # ------------------------------------------------------------------------------------------------
+
 
 def test_phantom_files_shapes_and_labels(phantom_dir, subjects):
     for case, subject in zip(CASES, subjects):
@@ -81,8 +81,9 @@ def test_phantom_intensities(subjects):
         mr_label = s["mr_label"]
         liver_mr, spleen_mr = np.median(mr[mr_label == 1]), np.median(mr[mr_label == 2])
         assert mr.min() >= 0 and liver_mr > spleen_mr
-        mr_fat = ndimage.binary_erosion(np.isin(phantoms.warp(tissue, s["displacement"], 0),
-                                                [phantoms.SUBCUT_FAT, phantoms.VISCERAL_FAT]))
+        mr_fat = ndimage.binary_erosion(
+            np.isin(phantoms.warp(tissue, s["displacement"], 0), [phantoms.SUBCUT_FAT, phantoms.VISCERAL_FAT])
+        )
         assert np.median(mr[mr_fat]) > liver_mr
         assert np.median(ct[fat]) < liver_ct  # inverted fat/liver contrast between CT and MR
         assert not np.allclose(ct, mr)
@@ -90,8 +91,7 @@ def test_phantom_intensities(subjects):
 
 def test_same_seed_is_bit_identical_and_seeds_differ(phantom_dir, tmp_path):
     again = tmp_path / "again"
-    assert phantoms.main(["--out", str(again), "--n-subjects", "3", "--seed", "0",
-                          "--shape", *map(str, SHAPE)]) == 0
+    assert phantoms.main(["--out", str(again), "--n-subjects", "3", "--seed", "0", "--shape", *map(str, SHAPE)]) == 0
     files = sorted(p.relative_to(phantom_dir) for p in phantom_dir.rglob("*") if p.is_file())
     assert len(files) == 4 * len(CASES) + 2
     assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
@@ -114,7 +114,7 @@ def test_known_deformation_largest_on_liver(subjects):
         v_ct = np.bincount(ct_label.ravel(), minlength=5)[1:]
         v_mr = np.bincount(mr_label.ravel(), minlength=5)[1:]
         assert np.all(np.abs(v_mr - v_ct) / v_ct < 0.2), (v_ct, v_mr)
-        magnitude = np.sqrt((disp ** 2).sum(0))
+        magnitude = np.sqrt((disp**2).sum(0))
         mean = [magnitude[mr_label == k].mean() for k in range(1, 5)]
         assert mean[0] > 1.3 * mean[2] and mean[0] > 1.3 * mean[3], mean  # liver vs each kidney
         assert 0.7 * 8 * scale < magnitude[mr_label == 1].max() < 1.5 * 12 * scale
@@ -126,7 +126,7 @@ def test_known_deformation_largest_on_liver(subjects):
 
 def test_phantom_datalists(phantom_dir):
     lists = {d: json.loads((phantom_dir / f"datalist_{d}.json").read_text()) for d in ("ct2mri", "mri2ct")}
-    for direction, datalist in lists.items():
+    for datalist in lists.values():
         assert [len(datalist[k]) for k in ("training", "validation", "test")] == [1, 1, 1]
         names = [{i["name"] for i in datalist[k]} for k in ("training", "validation", "test")]
         assert not (names[0] & names[1] or names[0] & names[2] or names[1] & names[2])
@@ -156,9 +156,13 @@ FLAT_LABELS = {"0": "background", "1": "Spleen", "2": "liver", "3": "left kidney
 SOURCE_TO_TARGET = {1: 2, 2: 1, 3: 4, 4: 3, 5: 0}
 IN_SHAPE = (160, 40, 36)  # cropped along x, padded along y and z
 IN_AFFINE = np.array([[-2.0, 0, 0, 150], [0, 2, 0, -40], [0, 0, 2, -30], [0, 0, 0, 1]])  # LAS on disk
-BLOBS = {1: (slice(30, 40), slice(5, 15), slice(5, 12)), 2: (slice(60, 100), slice(10, 30), slice(10, 25)),
-         3: (slice(110, 120), slice(5, 15), slice(20, 30)), 4: (slice(40, 50), slice(25, 35), slice(20, 30)),
-         5: (slice(70, 80), slice(30, 38), slice(2, 8))}
+BLOBS = {
+    1: (slice(30, 40), slice(5, 15), slice(5, 12)),
+    2: (slice(60, 100), slice(10, 30), slice(10, 25)),
+    3: (slice(110, 120), slice(5, 15), slice(20, 30)),
+    4: (slice(40, 50), slice(25, 35), slice(20, 30)),
+    5: (slice(70, 80), slice(30, 38), slice(2, 8)),
+}
 
 
 def make_l2r_tree(root, n_cases=3, labels=FLAT_LABELS):
@@ -184,10 +188,17 @@ def make_l2r_tree(root, n_cases=3, labels=FLAT_LABELS):
         return f"./imagesTr/AbdomenMRCT_{case:04d}_{channel:04d}.nii.gz"
 
     # both pair styles: fixed/moving (Learn2Reg 2021+) and channel keys
-    pairs = [{"fixed": img(c, 0), "moving": img(c, 1)} if c % 2 else {"0000": img(c, 0), "0001": img(c, 1)}
-             for c in range(1, n_cases + 1)]
-    dataset = {"name": "AbdomenMRCT", "modality": {"0": "MR", "1": "CT"}, "labels": labels,
-               "training_paired_images": pairs, "registration_val": [pairs[-1]]}
+    pairs = [
+        {"fixed": img(c, 0), "moving": img(c, 1)} if c % 2 else {"0000": img(c, 0), "0001": img(c, 1)}
+        for c in range(1, n_cases + 1)
+    ]
+    dataset = {
+        "name": "AbdomenMRCT",
+        "modality": {"0": "MR", "1": "CT"},
+        "labels": labels,
+        "training_paired_images": pairs,
+        "registration_val": [pairs[-1]],
+    }
     (root / "AbdomenMRCT_dataset.json").write_text(json.dumps(dataset, indent=2))
     return root
 
@@ -211,8 +222,10 @@ def test_prepare_learn2reg(tmp_path):
         assert set(np.unique(label).tolist()) == {0, 1, 2, 3, 4}
         for source_id, target in SOURCE_TO_TARGET.items():  # remapped by name, in place in world space
             if target:
-                assert np.allclose(world_centroid(label == target, label_img.affine),
-                                   world_centroid(raw_label == source_id, raw_label_img.affine))
+                assert np.allclose(
+                    world_centroid(label == target, label_img.affine),
+                    world_centroid(raw_label == source_id, raw_label_img.affine),
+                )
         mask, _ = load(out / "masks" / f"AbdomenMRCT_0001_{modality}_mask.nii.gz")
         assert set(np.unique(mask).tolist()) == {0, 1}
     for img in (ct_img, mr_img):
@@ -257,8 +270,11 @@ def test_prepare_learn2reg_errors(tmp_path):
     with pytest.raises(SystemExit, match=r"error: .*AbdomenMRCT_dataset\.json not found"):
         (tmp_path / "empty").mkdir()
         l2r.main(["--root", str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
-    root = make_l2r_tree(tmp_path / "missing_organ", n_cases=2,
-                         labels={"0": "background", "1": "liver", "2": "spleen", "3": "left kidney"})
+    root = make_l2r_tree(
+        tmp_path / "missing_organ",
+        n_cases=2,
+        labels={"0": "background", "1": "liver", "2": "spleen", "3": "left kidney"},
+    )
     with pytest.raises(SystemExit, match="error: .*'right kidney'"):
         l2r.main(["--root", str(root), "--out", str(tmp_path / "o")])
     root = make_l2r_tree(tmp_path / "missing_label", n_cases=2)

@@ -40,12 +40,24 @@ def test_schema_rejects_incomplete_metadata():
 UNTRAINED: dict[str, str] = {}  # e.g. {"refdrn": "weights not trained yet (issue N open): models/model.pt is missing"}
 
 
-@pytest.mark.parametrize("bundle", [pytest.param(b, marks=pytest.mark.xfail(reason=UNTRAINED[b], strict=True))
-                                    if b in UNTRAINED else b for b in BUNDLE_NAMES])
+@pytest.mark.parametrize(
+    "bundle",
+    [
+        pytest.param(b, marks=pytest.mark.xfail(reason=UNTRAINED[b], strict=True)) if b in UNTRAINED else b
+        for b in BUNDLE_NAMES
+    ],
+)
 def test_required_bundle_files(bundle):
     root = BUNDLES / bundle
-    for rel in ("configs/metadata.json", "configs/inference.json", "configs/logging.conf", "LICENSE",
-                "docs/README.md", "docs/data_license.txt", "models/model.pt"):
+    for rel in (
+        "configs/metadata.json",
+        "configs/inference.json",
+        "configs/logging.conf",
+        "LICENSE",
+        "docs/README.md",
+        "docs/data_license.txt",
+        "models/model.pt",
+    ):
         assert (root / rel).is_file(), f"{bundle}: missing {rel}"
 
 
@@ -54,9 +66,23 @@ def test_verify_net_in_out(bundle):
     root = BUNDLES / bundle
     env = bundle_env()
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def",
-           "--meta_file", str(root / "configs" / "metadata.json"),
-           "--config_file", str(root / "configs" / "inference.json"), "--n", "4", "--any", "1", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        str(root / "configs" / "metadata.json"),
+        "--config_file",
+        str(root / "configs" / "inference.json"),
+        "--n",
+        "4",
+        "--any",
+        "1",
+        "--device",
+        "cpu",
+    ]
     result = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "data shape of network is verified with no error" in (result.stdout + result.stderr)

@@ -32,8 +32,14 @@ DISALLOWED = ("LoadImage", "SaveImage")  # what MonaiBundleInferenceOperator str
 
 
 def export(copies: Path, bundle: str) -> Path:
-    result = subprocess.run([sys.executable, str(EXPORT), bundle, "--bundles-dir", str(copies), "--no-onnx"],
-                            capture_output=True, text=True, env=bundle_env(), cwd=REPO_ROOT, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(EXPORT), bundle, "--bundles-dir", str(copies), "--no-onnx"],
+        capture_output=True,
+        text=True,
+        env=bundle_env(),
+        cwd=REPO_ROOT,
+        timeout=600,
+    )
     assert result.returncode == 0 and "model.ts    PASS" in result.stdout, result.stdout + result.stderr
     return copies / bundle / "models" / "model.ts"
 
@@ -83,15 +89,24 @@ def rem_case(tmp_path_factory):
     lr, _ = synthetic_brain((12, 14, 10), seed=7)
     save_nifti(lr * 3.0, tmp / "data" / "case_lr.nii.gz", spacing=4.0)  # not the network's [0, 1] units
     (tmp / "data" / "datalist.json").write_text(json.dumps({"test": [{"image": "case_lr.nii.gz"}]}))
-    run_bundle("rem_sr", ["inference.json"], {"datalist": str(tmp / "data" / "datalist.json"),
-                                              "dataset_dir": str(tmp / "data"), "output_dir": str(tmp / "bundle_out")})
+    run_bundle(
+        "rem_sr",
+        ["inference.json"],
+        {
+            "datalist": str(tmp / "data" / "datalist.json"),
+            "dataset_dir": str(tmp / "data"),
+            "output_dir": str(tmp / "bundle_out"),
+        },
+    )
     reference = np.asarray(nib.load(str(tmp / "bundle_out" / "case_lr" / "case_lr_sr.nii.gz")).dataobj, np.float32)
     return {"ts": ts, "input": tmp / "data" / "case_lr.nii.gz", "reference": reference, "tmp": tmp}
 
 
 def test_rem_sr_ts_with_embedded_configs_matches_bundle_inference(rem_case):
     out = deploy_pipeline(rem_case["ts"], "rem_sr", {"image": load_image(rem_case["input"])})
-    assert out["meta"]["version"] == json.loads((BUNDLES / "rem_sr" / "configs" / "metadata.json").read_text())["version"]
+    assert (
+        out["meta"]["version"] == json.loads((BUNDLES / "rem_sr" / "configs" / "metadata.json").read_text())["version"]
+    )
     result = out["postprocessing"](out["data"])  # RestoreIntensityd back to the input's units; SaveImaged stripped
     sr = torch.as_tensor(result["pred"]).as_subclass(torch.Tensor)[0].numpy()
     reference = rem_case["reference"]
@@ -112,18 +127,29 @@ def refdrn_case(tmp_path_factory):
     for name, seed in (("moving", 3), ("fixed", 4)):
         image, _ = synthetic_brain((16, 16, 16), seed=seed)
         save_nifti(image, tmp / "data" / f"{name}_lr.nii.gz", spacing=4.0)
-    (tmp / "data" / "datalist.json").write_text(json.dumps(
-        {"test": [{"moving_image": "moving_lr.nii.gz", "fixed_image": "fixed_lr.nii.gz"}]}))
-    run_bundle("refdrn", ["inference.json"], {"datalist": str(tmp / "data" / "datalist.json"),
-                                              "dataset_dir": str(tmp / "data"), "output_dir": str(tmp / "bundle_out"),
-                                              "ckpt_path": str(copies / "refdrn" / "models" / "model.pt")})
+    (tmp / "data" / "datalist.json").write_text(
+        json.dumps({"test": [{"moving_image": "moving_lr.nii.gz", "fixed_image": "fixed_lr.nii.gz"}]})
+    )
+    run_bundle(
+        "refdrn",
+        ["inference.json"],
+        {
+            "datalist": str(tmp / "data" / "datalist.json"),
+            "dataset_dir": str(tmp / "data"),
+            "output_dir": str(tmp / "bundle_out"),
+            "ckpt_path": str(copies / "refdrn" / "models" / "model.pt"),
+        },
+    )
     ddf = np.asarray(nib.load(str(tmp / "bundle_out" / "moving_lr" / "moving_lr_ddf.nii.gz")).dataobj, np.float32)
     return {"ts": ts, "data": tmp / "data", "reference": np.moveaxis(ddf.reshape(ddf.shape[:3] + (-1,)), -1, 0)}
 
 
 def test_refdrn_ts_with_embedded_configs_matches_bundle_inference(refdrn_case):
     data = refdrn_case["data"]
-    inputs = {"moving_image": load_image(data / "moving_lr.nii.gz"), "fixed_image": load_image(data / "fixed_lr.nii.gz")}
+    inputs = {
+        "moving_image": load_image(data / "moving_lr.nii.gz"),
+        "fixed_image": load_image(data / "fixed_lr.nii.gz"),
+    }
     out = deploy_pipeline(refdrn_case["ts"], "refdrn", inputs)
     assert out["meta"]["network_data_format"]["inputs"]["image"]["num_channels"] == 2
     assert tuple(out["data"]["image"].shape) == (2, 64, 64, 64)  # moving, fixed stacked by the embedded ConcatItemsd
@@ -160,8 +186,13 @@ SDK_APP = textwrap.dedent('''
 
         def compute(self, op_input, op_output, context):
             img = nib.load(NIFTI)
-            meta = {"affine": img.affine, "original_affine": img.affine, "spacing": np.asarray(img.header.get_zooms()[:3]),
-                    "original_channel_dim": "no_channel", "filename_or_obj": NIFTI}
+            meta = {
+                "affine": img.affine,
+                "original_affine": img.affine,
+                "spacing": np.asarray(img.header.get_zooms()[:3]),
+                "original_channel_dim": "no_channel",
+                "filename_or_obj": NIFTI,
+            }
             op_output.emit(Image(np.asarray(img.dataobj, np.float32), metadata=meta), "image")
 
 
@@ -203,18 +234,32 @@ SDK_APP = textwrap.dedent('''
 ''')
 
 
-@pytest.mark.skipif(not DEPLOY_PYTHON.is_file(),
-                    reason=f"MONAI Deploy App SDK not installed: `make deploy-venv` builds {DEPLOY_PYTHON.parent.parent} "
-                           "from requirements-deploy.txt (its own venv: the SDK would make every `import monai` load "
-                           "holoscan); or set DEPLOY_PYTHON")
+@pytest.mark.skipif(
+    not DEPLOY_PYTHON.is_file(),
+    reason=f"MONAI Deploy App SDK not installed: `make deploy-venv` builds {DEPLOY_PYTHON.parent.parent} "
+    "from requirements-deploy.txt (its own venv: the SDK would make every `import monai` load "
+    "holoscan); or set DEPLOY_PYTHON",
+)
 def test_rem_sr_through_monai_deploy_sdk_matches_bundle_inference(rem_case):
     tmp = rem_case["tmp"]
     (tmp / "sdk_app.py").write_text(SDK_APP)
     out = tmp / "sdk_pred.npy"
     env = dict(bundle_env(), HOLOSCAN_LOG_LEVEL="WARN")
-    result = subprocess.run([str(DEPLOY_PYTHON), str(tmp / "sdk_app.py"), str(rem_case["ts"]), str(BUNDLES / "rem_sr"),
-                             str(rem_case["input"]), str(out)], capture_output=True, text=True, env=env, cwd=tmp,
-                            timeout=600)
+    result = subprocess.run(
+        [
+            str(DEPLOY_PYTHON),
+            str(tmp / "sdk_app.py"),
+            str(rem_case["ts"]),
+            str(BUNDLES / "rem_sr"),
+            str(rem_case["input"]),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp,
+        timeout=600,
+    )
     assert result.returncode == 0 and out.is_file(), (result.stdout + result.stderr)[-6000:]
     sr = np.load(out)[0]
     reference = rem_case["reference"]

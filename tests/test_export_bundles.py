@@ -15,8 +15,9 @@ from tests.helpers import BUNDLES, REPO_ROOT, bundle_env, load_bundle_scripts
 
 EXPORT = REPO_ROOT / "tools" / "export_bundles.py"
 VERIFY = REPO_ROOT / "tools" / "verify_bundles.py"
-COPY_IGNORE = shutil.ignore_patterns("model.ts", "*.onnx", "checkpoint_*", "runs", "eval", "logs", "__pycache__",
-                                     ".partial-*")
+COPY_IGNORE = shutil.ignore_patterns(
+    "model.ts", "*.onnx", "checkpoint_*", "runs", "eval", "logs", "__pycache__", ".partial-*"
+)
 
 
 def bundle_copies(dest: Path, names=("rem_sr", "refdrn"), weights: bool = True, seed: int = 0) -> Path:
@@ -34,20 +35,33 @@ def bundle_copies(dest: Path, names=("rem_sr", "refdrn"), weights: bool = True, 
         config = json.loads((dest / "refdrn" / "configs" / "inference.json").read_text())
         networks = load_bundle_scripts("refdrn", "networks")
         torch.manual_seed(seed)
-        net = networks.build_registration_network(backbone=config["backbone"], rem=None,
-                                                  fdrn_channels=config["fdrn_channels"],
-                                                  fdrn_num_res=config["fdrn_num_res"])
+        net = networks.build_registration_network(
+            backbone=config["backbone"],
+            rem=None,
+            fdrn_channels=config["fdrn_channels"],
+            fdrn_num_res=config["fdrn_num_res"],
+        )
         g = torch.Generator().manual_seed(seed)
-        state = {k: torch.randn(v.shape, generator=g) * 0.02 if ("flow" in k or "aux_head" in k or "final_conv_out" in k)
-                 and k.endswith("weight") else v for k, v in net.state_dict().items()}
+        state = {
+            k: torch.randn(v.shape, generator=g) * 0.02
+            if ("flow" in k or "aux_head" in k or "final_conv_out" in k) and k.endswith("weight")
+            else v
+            for k, v in net.state_dict().items()
+        }
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, ckpt)
     return dest
 
 
 def run_tool(tool, *args):
-    return subprocess.run([sys.executable, str(tool), *map(str, args)], capture_output=True, text=True,
-                          env=bundle_env(), cwd=REPO_ROOT, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(tool), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=bundle_env(),
+        cwd=REPO_ROOT,
+        timeout=600,
+    )
 
 
 def rows(stdout: str, bundle: str) -> dict[str, str]:
@@ -55,11 +69,20 @@ def rows(stdout: str, bundle: str) -> dict[str, str]:
     out = {}
     for line in stdout.splitlines():
         if line.startswith(bundle + " "):
-            rest = line[len(bundle):].strip()
-            for key in ("model.ts", "model.onnx", "required files", "metadata schema", "versions", "network shapes",
-                        "configs", "weights", "torchscript export"):
+            rest = line[len(bundle) :].strip()
+            for key in (
+                "model.ts",
+                "model.onnx",
+                "required files",
+                "metadata schema",
+                "versions",
+                "network shapes",
+                "configs",
+                "weights",
+                "torchscript export",
+            ):
                 if rest.startswith(key):
-                    out[key] = rest[len(key):].strip()
+                    out[key] = rest[len(key) :].strip()
     return out
 
 
@@ -77,8 +100,10 @@ def test_rem_sr_exports_scripted_ts_and_dynamic_onnx_that_match_eager(tmp_path):
     assert table["model.ts"].startswith("PASS") and "scripted" in table["model.ts"], result.stdout
     root = copies / "rem_sr"
     embedded = embedded_ts_files(root / "models" / "model.ts")
-    assert embedded["metadata.json"]["network_data_format"] == json.loads(
-        (root / "configs" / "metadata.json").read_text())["network_data_format"]
+    assert (
+        embedded["metadata.json"]["network_data_format"]
+        == json.loads((root / "configs" / "metadata.json").read_text())["network_data_format"]
+    )
     assert embedded["inference.json"] == json.loads((root / "configs" / "inference.json").read_text())
     assert not list((root / "models").glob(".partial-*"))
 
@@ -100,7 +125,8 @@ def test_rem_sr_exports_scripted_ts_and_dynamic_onnx_that_match_eager(tmp_path):
     with torch.no_grad():
         ref = net.eval()(x).numpy()
     out = ort.InferenceSession(str(root / "models" / "model.onnx"), providers=["CPUExecutionProvider"]).run(
-        None, {"image": x.numpy()})[0]
+        None, {"image": x.numpy()}
+    )[0]
     assert np.abs(out - ref).max() < 1e-4
 
 
@@ -112,7 +138,9 @@ def test_refdrn_exports_the_full_cascade_with_rem(tmp_path):
     assert table["model.ts"].startswith("PASS"), result.stdout
     assert "traced" in table["model.ts"] and "scripting failed" in table["model.ts"]  # and it says why
     root = copies / "refdrn"
-    assert embedded_ts_files(root / "models" / "model.ts")["metadata.json"]["bundle_dependencies"] == {"rem_sr": "0.2.0"}
+    declared = json.loads((root / "configs" / "metadata.json").read_text())["bundle_dependencies"]
+    assert declared == {"rem_sr": json.loads((copies / "rem_sr" / "configs" / "metadata.json").read_text())["version"]}
+    assert embedded_ts_files(root / "models" / "model.ts")["metadata.json"]["bundle_dependencies"] == declared
 
     # the exported graph is REM -> backbone: it matches the cascade, not the backbone alone
     networks = load_bundle_scripts("refdrn", "networks")
@@ -120,7 +148,10 @@ def test_refdrn_exports_the_full_cascade_with_rem(tmp_path):
     config = json.loads((root / "configs" / "inference.json").read_text())
     kw = dict(backbone=config["backbone"], fdrn_channels=config["fdrn_channels"], fdrn_num_res=config["fdrn_num_res"])
     state = torch.load(root / "models" / "model.pt", weights_only=True)
-    cascade, plain = networks.build_registration_network(rem=rem, **kw), networks.build_registration_network(rem=None, **kw)
+    cascade, plain = (
+        networks.build_registration_network(rem=rem, **kw),
+        networks.build_registration_network(rem=None, **kw),
+    )
     cascade.load_state_dict(state)
     plain.load_state_dict(state)
     x = torch.rand(1, 2, 64, 64, 64, generator=torch.Generator().manual_seed(3))

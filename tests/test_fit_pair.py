@@ -17,16 +17,40 @@ def shifted_pair(root, shift=3):
     save_nifti(labels, root / "fixed_label.nii.gz")
     save_nifti(np.roll(image, shift, axis=0), root / "moving.nii.gz")
     save_nifti(np.roll(labels, shift, axis=0), root / "moving_label.nii.gz")
-    item = {"name": "shift", "fixed_image": "fixed.nii.gz", "moving_image": "moving.nii.gz",
-            "fixed_label": "fixed_label.nii.gz", "moving_label": "moving_label.nii.gz"}
+    item = {
+        "name": "shift",
+        "fixed_image": "fixed.nii.gz",
+        "moving_image": "moving.nii.gz",
+        "fixed_label": "fixed_label.nii.gz",
+        "moving_label": "moving_label.nii.gz",
+    }
     (root / "datalist.json").write_text(json.dumps({"training": [item], "validation": [{"name": "x"}]}))
     return root / "datalist.json"
 
 
 def test_refdrn_loss_recovers_a_known_shift(tmp_path, capsys):
     datalist = shifted_pair(tmp_path)
-    assert fit_pair.main(["--bundle", "refdrn", "--datalist", str(datalist), "--scale", "2", "--downsample", "1",
-                          "--grid", "4", "--iterations", "40", "--lr", "0.3"]) == 0
+    assert (
+        fit_pair.main(
+            [
+                "--bundle",
+                "refdrn",
+                "--datalist",
+                str(datalist),
+                "--scale",
+                "2",
+                "--downsample",
+                "1",
+                "--grid",
+                "4",
+                "--iterations",
+                "40",
+                "--lr",
+                "0.3",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     identity = float(re.search(r"identity Dice ([0-9.]+)", out).group(1))
     final = float(re.findall(r"Dice ([0-9.]+)", out)[-1])

@@ -26,9 +26,9 @@ def test_label_centroids_are_in_world_coordinates():
 
 def test_synthesized_t1_has_t1_contrast_ordering():
     labels = np.zeros((40, 40, 40), np.int16)
-    labels[5:35, 5:35, 5:35] = 1           # a cortical shell ...
-    labels[9:31, 9:31, 9:31] = 0           # ... around unlabelled white matter
-    labels[17:23, 17:23, 17:23] = 35        # a subcortical structure
+    labels[5:35, 5:35, 5:35] = 1  # a cortical shell ...
+    labels[9:31, 9:31, 9:31] = 0  # ... around unlabelled white matter
+    labels[17:23, 17:23, 17:23] = 35  # a subcortical structure
     image, brain = pairs.synthesize_t1(labels, {1: "cortex", 35: "subcortex/brainstem"}, np.random.default_rng(1))
     wm, gm, deep = image[12, 12, 12], image[6, 20, 20], image[20, 20, 20]
     assert wm > deep > gm > 0 and image.max() <= 1 and image[0, 0, 0] == 0 and brain[20, 20, 20]

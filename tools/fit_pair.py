@@ -63,17 +63,24 @@ def bundle_loss_and_images(args, moving: torch.Tensor, fixed: torch.Tensor):
 
         d = NormalizeCTMRd(direction=args.direction)({"moving_image": moving[0], "fixed_image": fixed[0]})
         loss = F3RNetLoss(lam=1.5, mind_penalty="l1")
-        return (lambda warped, target, ddf: loss.components(warped, target, ddf)["loss"]), \
-            d["moving_image"][None], d["fixed_image"][None]
+        return (
+            (lambda warped, target, ddf: loss.components(warped, target, ddf)["loss"]),
+            d["moving_image"][None],
+            d["fixed_image"][None],
+        )
     from scripts.data import DegradePaird
     from scripts.losses import ReFDRNLoss
 
     d = DegradePaird(keys=["moving_image", "fixed_image"], scale=args.scale)(
-        {"moving_image": moving[0], "fixed_image": fixed[0]})
+        {"moving_image": moving[0], "fixed_image": fixed[0]}
+    )
     loss = ReFDRNLoss(rem=None, lambda1=0.0, lambda2=1.0, reg_reduction="mean")
     mov, fix = d["moving_image_lr"][None], d["fixed_image_lr"][None]
-    return (lambda warped, target, ddf: loss.similarity(warped, target) + loss.lambda2 * loss.regularization(ddf)), \
-        mov, fix
+    return (
+        (lambda warped, target, ddf: loss.similarity(warped, target) + loss.lambda2 * loss.regularization(ddf)),
+        mov,
+        fix,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,15 +123,21 @@ def main(argv: list[str] | None = None) -> int:
     warp, warp_label = Warp(mode="bilinear", padding_mode="border"), Warp(mode="nearest", padding_mode="zeros")
     control = torch.zeros(1, 3, *(min(args.grid, s) for s in shape), requires_grad=True)
     optimizer = torch.optim.Adam([control], lr=args.lr)
-    print(f"{item.get('name', args.index)}: {tuple(shape)} voxels, identity Dice {mean_dice(moving_label, fixed_label):.4f}")
+    print(
+        f"{item.get('name', args.index)}: {tuple(shape)} voxels, "
+        f"identity Dice {mean_dice(moving_label, fixed_label):.4f}"
+    )
     for it in range(args.iterations + 1):
         ddf = F.interpolate(control, size=shape, mode="trilinear", align_corners=True)
         loss = loss_fn(warp(moving, ddf), fixed, ddf)
         if it % 10 == 0 or it == args.iterations:
             with torch.no_grad():
                 dice = mean_dice(warp_label(moving_label, ddf), fixed_label)
-            print(f"iteration {it:4d}  loss {float(loss):.4f}  Dice {dice:.4f}  max|u| {float(ddf.abs().max()):.2f} voxels",
-                  flush=True)
+            print(
+                f"iteration {it:4d}  loss {float(loss):.4f}  Dice {dice:.4f}  "
+                f"max|u| {float(ddf.abs().max()):.2f} voxels",
+                flush=True,
+            )
         if it < args.iterations:
             optimizer.zero_grad()
             loss.backward()

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Generate paired abdominal CT / MR T1 phantoms with a known deformation between them.
 
-No real abdominal CT/MR data is available offline (GUIDE §4), so the `f3rnet_ct_mri` bundle ships
-this generator. Every subject is one random anatomy, rendered twice:
+No real abdominal CT/MR data is available offline (the machines reach only package registries), so the
+`f3rnet_ct_mri` bundle ships this generator. Every subject is one random anatomy, rendered twice:
 
 * **CT** (HU, stored as int16) from the anatomy as generated;
 * **MR T1** (arbitrary units, float32) from the same anatomy warped by a random smooth, large local
@@ -52,9 +52,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -65,7 +63,6 @@ from tqdm import tqdm
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.niftiio import atomic_save, atomic_write_text  # noqa: E402
-
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SHAPE = (144, 144, 128)
@@ -85,27 +82,45 @@ TWIST_STRENGTH = 2.0  # local twists of the liver relative to its translation
 # flowing blood and air are dark, and fatty vertebral marrow is moderately bright.
 TISSUES = [
     # name              CT HU  CT tex   MR   MR tex
-    ("air",            -1000,    0,     0,    0),
-    ("subcutaneous fat", -100,   8,   950,   30),
-    ("visceral fat",     -90,   10,   900,   40),
-    ("muscle",            40,    8,   330,   15),
-    ("liver",             60,    5,   600,   15),
-    ("spleen",            45,    5,   400,   15),
-    ("kidney cortex R",   35,    4,   480,   15),
-    ("kidney medulla R",  25,    4,   320,   15),
-    ("kidney cortex L",   35,    4,   480,   15),
-    ("kidney medulla L",  25,    4,   320,   15),
-    ("bowel wall",        40,    8,   350,   20),
-    ("bowel content",     15,   20,   200,   50),
-    ("bowel gas",       -950,   30,    30,   10),
-    ("vertebral marrow", 400,   60,   650,   40),
-    ("cortical bone",    700,   60,    60,   10),
-    ("disc",              80,   10,   280,   15),
-    ("spinal canal",      15,    5,   150,   10),
-    ("blood vessel",      40,    4,   100,   20),
+    ("air", -1000, 0, 0, 0),
+    ("subcutaneous fat", -100, 8, 950, 30),
+    ("visceral fat", -90, 10, 900, 40),
+    ("muscle", 40, 8, 330, 15),
+    ("liver", 60, 5, 600, 15),
+    ("spleen", 45, 5, 400, 15),
+    ("kidney cortex R", 35, 4, 480, 15),
+    ("kidney medulla R", 25, 4, 320, 15),
+    ("kidney cortex L", 35, 4, 480, 15),
+    ("kidney medulla L", 25, 4, 320, 15),
+    ("bowel wall", 40, 8, 350, 20),
+    ("bowel content", 15, 20, 200, 50),
+    ("bowel gas", -950, 30, 30, 10),
+    ("vertebral marrow", 400, 60, 650, 40),
+    ("cortical bone", 700, 60, 60, 10),
+    ("disc", 80, 10, 280, 15),
+    ("spinal canal", 15, 5, 150, 10),
+    ("blood vessel", 40, 4, 100, 20),
 ]
-(AIR, SUBCUT_FAT, VISCERAL_FAT, MUSCLE, LIVER, SPLEEN, KID_R_CORTEX, KID_R_MEDULLA, KID_L_CORTEX,
- KID_L_MEDULLA, BOWEL_WALL, BOWEL_CONTENT, BOWEL_GAS, MARROW, CORTICAL, DISC, CANAL, VESSEL) = range(len(TISSUES))
+(
+    AIR,
+    SUBCUT_FAT,
+    VISCERAL_FAT,
+    MUSCLE,
+    LIVER,
+    SPLEEN,
+    KID_R_CORTEX,
+    KID_R_MEDULLA,
+    KID_L_CORTEX,
+    KID_L_MEDULLA,
+    BOWEL_WALL,
+    BOWEL_CONTENT,
+    BOWEL_GAS,
+    MARROW,
+    CORTICAL,
+    DISC,
+    CANAL,
+    VESSEL,
+) = range(len(TISSUES))
 TISSUE_TO_LABEL = np.zeros(len(TISSUES), np.uint8)
 TISSUE_TO_LABEL[[LIVER, SPLEEN, KID_R_CORTEX, KID_R_MEDULLA, KID_L_CORTEX, KID_L_MEDULLA]] = [1, 2, 3, 3, 4, 4]
 CAVITY_FILL = (VISCERAL_FAT, BOWEL_WALL, BOWEL_CONTENT, BOWEL_GAS)  # what the organs may replace
@@ -115,6 +130,7 @@ CAVITY_FILL = (VISCERAL_FAT, BOWEL_WALL, BOWEL_CONTENT, BOWEL_GAS)  # what the o
 # geometry helpers; coordinates are normalised to [-1, 1] over the field of view:
 # u: left (-) to right (+), v: posterior (-) to anterior (+), w: inferior (-) to superior (+)
 # ----------------------------------------------------------------------------------------------
+
 
 def normalised_axes(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     axes = [((np.arange(n, dtype=np.float32) + 0.5) / n * 2 - 1) for n in shape]
@@ -152,8 +168,18 @@ class Organ:
 
     `taper` narrows the organ's v and w extent towards its -u end (the liver's left lobe)."""
 
-    def __init__(self, rng, centre, radii, angles_deg, jitter=0.04, size_jitter=0.12, angle_jitter=12.0,
-                 ripple_amp=0.08, taper: float = 0.0):
+    def __init__(
+        self,
+        rng,
+        centre,
+        radii,
+        angles_deg,
+        jitter=0.04,
+        size_jitter=0.12,
+        angle_jitter=12.0,
+        ripple_amp=0.08,
+        taper: float = 0.0,
+    ):
         self.centre = np.asarray(centre, np.float32) + rng.uniform(-jitter, jitter, 3).astype(np.float32)
         self.radii = np.asarray(radii, np.float32) * rng.uniform(1 - size_jitter, 1 + size_jitter, 3).astype(np.float32)
         angles = np.deg2rad(np.asarray(angles_deg, float) + rng.uniform(-angle_jitter, angle_jitter, 3))
@@ -200,8 +226,9 @@ def smooth_noise(rng: np.random.Generator, shape, length: float, down: int = 4) 
 
 
 def resize(a: np.ndarray, shape, order: int) -> np.ndarray:
-    out = ndimage.zoom(a, np.array(shape, float) / np.array(a.shape, float), order=order, mode="nearest",
-                       grid_mode=False)
+    out = ndimage.zoom(
+        a, np.array(shape, float) / np.array(a.shape, float), order=order, mode="nearest", grid_mode=False
+    )
     assert out.shape == tuple(shape), (out.shape, shape)
     return out
 
@@ -209,6 +236,7 @@ def resize(a: np.ndarray, shape, order: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # anatomy
 # ----------------------------------------------------------------------------------------------
+
 
 def make_anatomy(rng: np.random.Generator, shape) -> np.ndarray:
     """A random abdomen as a uint8 tissue-class map (indices into TISSUES)."""
@@ -251,7 +279,7 @@ def make_anatomy(rng: np.random.Generator, shape) -> np.ndarray:
         par = ((u - su - side * 0.2) / rng.uniform(0.11, 0.15)) ** 2 + ((v + 0.58) / rng.uniform(0.08, 0.11)) ** 2
         tissue[(par < 1) & (body_r < 1)] = MUSCLE
         r_psoas = rng.uniform(0.04, 0.06) + rng.uniform(0.02, 0.04) * (1 - w) / 2
-        psoas = ((u - su - side * 0.16) ** 2 + (v + 0.36) ** 2) < r_psoas ** 2
+        psoas = ((u - su - side * 0.16) ** 2 + (v + 0.36) ** 2) < r_psoas**2
         tissue[psoas & cavity] = MUSCLE
 
     # vessels: aorta left-anterior of the spine, IVC to the right
@@ -268,9 +296,9 @@ def make_anatomy(rng: np.random.Generator, shape) -> np.ndarray:
     tissue[vb3 < 0.8] = MARROW
     tissue[(vb3 < 1) & np.broadcast_to(disc, shape)] = DISC
     canal_r2 = (u - su) ** 2 + (v + 0.62) ** 2
-    arch = np.broadcast_to((canal_r2 < 0.095 ** 2) | ((np.abs(u - su) < 0.025) & (v < -0.62) & (v > -0.71)), shape)
+    arch = np.broadcast_to((canal_r2 < 0.095**2) | ((np.abs(u - su) < 0.025) & (v < -0.62) & (v > -0.71)), shape)
     tissue[arch & ~np.broadcast_to(disc, shape) & (body_r < 1)] = CORTICAL
-    tissue[np.broadcast_to(canal_r2 < 0.055 ** 2, shape)] = CANAL
+    tissue[np.broadcast_to(canal_r2 < 0.055**2, shape)] = CANAL
 
     # organs; they only replace the cavity fill (fat and bowel), kidneys first with a perirenal fat rim
     fill = np.isin(tissue, CAVITY_FILL)
@@ -290,8 +318,15 @@ def make_anatomy(rng: np.random.Generator, shape) -> np.ndarray:
         sub_tissue[inside & (field < -0.35)] = medulla
         reserved[box] |= field < 0.25
 
-    liver = Organ(rng, (0.27, 0.0, 0.25), (0.52, 0.45, 0.48), (0, 0, -10), size_jitter=0.1,
-                  ripple_amp=0.07, taper=rng.uniform(0.45, 0.6))
+    liver = Organ(
+        rng,
+        (0.27, 0.0, 0.25),
+        (0.52, 0.45, 0.48),
+        (0, 0, -10),
+        size_jitter=0.1,
+        ripple_amp=0.07,
+        taper=rng.uniform(0.45, 0.6),
+    )
     spleen = Organ(rng, (-0.6, -0.25, 0.35), (0.13, 0.27, 0.29), (0, 0, 35), size_jitter=0.12, ripple_amp=0.06)
     for organ, code in ((liver, LIVER), (spleen, SPLEEN)):
         box = organ.box(shape)
@@ -305,13 +340,15 @@ def make_anatomy(rng: np.random.Generator, shape) -> np.ndarray:
 # deformation
 # ----------------------------------------------------------------------------------------------
 
+
 def shape_scale(shape) -> float:
     """Lengths in mm are given for the default shape; smaller test shapes scale them down."""
     return float(np.prod(np.array(shape, float) / np.array(DEFAULT_SHAPE, float)) ** (1 / 3))
 
 
-def make_displacement(rng: np.random.Generator, shape, liver_mask: np.ndarray,
-                      exclude_masks: tuple[np.ndarray, ...] = ()) -> np.ndarray:
+def make_displacement(
+    rng: np.random.Generator, shape, liver_mask: np.ndarray, exclude_masks: tuple[np.ndarray, ...] = ()
+) -> np.ndarray:
     """A smooth random displacement (3, X, Y, Z) in voxels.
 
     * a weak global field: 4x4x4 random control vectors, cubic B-spline upsampled;
@@ -331,7 +368,7 @@ def make_displacement(rng: np.random.Generator, shape, liver_mask: np.ndarray,
     low_shape = tuple(max(6, int(np.ceil(n / factor))) for n in shape)
     ctrl = rng.standard_normal((3, 4, 4, 4)).astype(np.float32)
     glob = np.stack([resize(c, low_shape, order=3) for c in ctrl])
-    glob *= rng.uniform(*GLOBAL_MAX_DISPLACEMENT_MM) * scale / (np.sqrt((glob ** 2).sum(0)).max() + 1e-8)
+    glob *= rng.uniform(*GLOBAL_MAX_DISPLACEMENT_MM) * scale / (np.sqrt((glob**2).sum(0)).max() + 1e-8)
 
     liver_low = resize(liver_mask.astype(np.float32), low_shape, order=1)
     sigma = 0.06 * float(np.mean(low_shape))
@@ -346,17 +383,17 @@ def make_displacement(rng: np.random.Generator, shape, liver_mask: np.ndarray,
     points = np.argwhere(liver_low > 0.5)
     if len(points) == 0:
         points = np.argwhere(liver_low == liver_low.max())
-    local = np.broadcast_to(rng.standard_normal(3).astype(np.float32)[:, None, None, None],
-                            (3,) + low_shape).copy()
+    local = np.broadcast_to(rng.standard_normal(3).astype(np.float32)[:, None, None, None], (3,) + low_shape).copy()
     # local twists: curl(bump * a) = grad(bump) x a, divergence-free, so they bend without compressing
     width = 0.25 * float(np.mean(low_shape))
     for p in points[rng.choice(len(points), size=3)]:
         offset = grid - p[:, None, None, None].astype(np.float32)
-        bump = np.exp(-(offset ** 2).sum(0) / (2 * width ** 2))
-        grad = -offset / width ** 2 * bump  # gradient of the bump
+        bump = np.exp(-(offset**2).sum(0) / (2 * width**2))
+        grad = -offset / width**2 * bump  # gradient of the bump
         a = rng.standard_normal(3).astype(np.float32) * width * TWIST_STRENGTH
-        local += np.stack([grad[1] * a[2] - grad[2] * a[1], grad[2] * a[0] - grad[0] * a[2],
-                           grad[0] * a[1] - grad[1] * a[0]])
+        local += np.stack(
+            [grad[1] * a[2] - grad[2] * a[1], grad[2] * a[0] - grad[0] * a[2], grad[0] * a[1] - grad[1] * a[0]]
+        )
     local *= weight
     # kidneys keep out of the liver's motion: the local field fades to 0 over a smooth ramp around them
     for mask in exclude_masks:
@@ -366,7 +403,7 @@ def make_displacement(rng: np.random.Generator, shape, liver_mask: np.ndarray,
         distance = ndimage.distance_transform_edt(m_low <= 0.25)
         keep = np.clip((distance - 1) / ramp, 0, 1).astype(np.float32)  # 0 on the kidney, 1 far away
         local *= ndimage.gaussian_filter(keep, sigma / 2)
-    magnitude = np.sqrt((local ** 2).sum(0))
+    magnitude = np.sqrt((local**2).sum(0))
     local *= target / (magnitude[liver_low > 0.5].max() + 1e-8)
     field = glob + local
     return np.stack([resize(c, shape, order=1) for c in field]).astype(np.float32)
@@ -382,6 +419,7 @@ def warp(volume: np.ndarray, displacement: np.ndarray, order: int) -> np.ndarray
 # ----------------------------------------------------------------------------------------------
 # rendering
 # ----------------------------------------------------------------------------------------------
+
 
 def tissue_tables(rng: np.random.Generator) -> tuple[np.ndarray, ...]:
     """Per-subject CT and MR lookup tables: small random offsets around TISSUES."""
@@ -401,8 +439,17 @@ def bias_field(rng: np.random.Generator, shape) -> np.ndarray:
     """Smooth multiplicative MR bias: exp of a random quadratic polynomial, about +-20-30 %."""
     u, v, w = normalised_axes(shape)
     c = rng.normal(0, 1, 9).astype(np.float32)
-    log_b = (c[0] * u + c[1] * v + c[2] * w + c[3] * u * v + c[4] * v * w + c[5] * u * w
-             + c[6] * u ** 2 + c[7] * v ** 2 + c[8] * w ** 2)
+    log_b = (
+        c[0] * u
+        + c[1] * v
+        + c[2] * w
+        + c[3] * u * v
+        + c[4] * v * w
+        + c[5] * u * w
+        + c[6] * u**2
+        + c[7] * v**2
+        + c[8] * w**2
+    )
     log_b = log_b - log_b.mean()
     log_b *= rng.uniform(0.2, 0.3) / (np.abs(log_b).max() + 1e-8)
     return np.exp(log_b).astype(np.float32)
@@ -432,8 +479,10 @@ def make_subject(rng: np.random.Generator, shape=DEFAULT_SHAPE) -> dict[str, np.
 
     mr = render(mr_tissue, mr_texture, mr_mean, mr_amp) * bias_field(rng, shape)
     sigma = np.float32(rng.uniform(12, 20))
-    mr = np.sqrt((mr + rng.standard_normal(shape, dtype=np.float32) * sigma) ** 2
-                 + (rng.standard_normal(shape, dtype=np.float32) * sigma) ** 2)  # Rician magnitude noise
+    mr = np.sqrt(
+        (mr + rng.standard_normal(shape, dtype=np.float32) * sigma) ** 2
+        + (rng.standard_normal(shape, dtype=np.float32) * sigma) ** 2
+    )  # Rician magnitude noise
     return {
         "ct": ct.astype(np.float32),
         "mr": mr.astype(np.float32),
@@ -448,14 +497,13 @@ def make_subject(rng: np.random.Generator, shape=DEFAULT_SHAPE) -> dict[str, np.
 # files
 # ----------------------------------------------------------------------------------------------
 
+
 def make_affine(shape) -> np.ndarray:
     """RAS, 1 mm, world origin at the centre of the volume."""
     affine = np.eye(4) * SPACING_MM
     affine[3, 3] = 1.0
     affine[:3, 3] = -(np.array(shape, float) - 1) / 2 * SPACING_MM
     return affine
-
-
 
 
 def nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
@@ -469,30 +517,40 @@ def nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
 def split_sizes(n: int) -> tuple[int, int, int]:
     """(training, validation, test): about 1/6 each for validation and test, test at least one."""
     if n < 3:
-        raise SystemExit(f"error: --n-subjects must be at least 3 (one each for training, validation "
-                         f"and test), got {n}")
+        raise SystemExit(
+            f"error: --n-subjects must be at least 3 (one each for training, validation and test), got {n}"
+        )
     n_test = max(1, round(n / 6))
     n_val = max(1, round(n / 6))
     return n - n_val - n_test, n_val, n_test
 
 
 def case_files(case: str) -> dict[str, str]:
-    return {"ct": f"ct/{case}_ct.nii.gz", "mr": f"mr/{case}_mr.nii.gz",
-            "ct_label": f"labels/{case}_ct_label.nii.gz", "mr_label": f"labels/{case}_mr_label.nii.gz"}
+    return {
+        "ct": f"ct/{case}_ct.nii.gz",
+        "mr": f"mr/{case}_mr.nii.gz",
+        "ct_label": f"labels/{case}_ct_label.nii.gz",
+        "mr_label": f"labels/{case}_mr_label.nii.gz",
+    }
 
 
 def build_datalists(cases: list[str], shape, seed: int) -> dict[str, dict]:
     n_train, n_val, _ = split_sizes(len(cases))
-    splits = {"training": cases[:n_train], "validation": cases[n_train:n_train + n_val],
-              "test": cases[n_train + n_val:]}
+    splits = {
+        "training": cases[:n_train],
+        "validation": cases[n_train : n_train + n_val],
+        "test": cases[n_train + n_val :],
+    }
     out = {}
     titles = {"ct2mri": "CT->MRI: fixed MR, moving CT", "mri2ct": "MRI->CT: fixed CT, moving MR"}
     for direction, (fixed, moving) in {"ct2mri": ("mr", "ct"), "mri2ct": ("ct", "mr")}.items():
         datalist: dict = {
-            "description": (f"Synthetic abdominal CT/MR T1 phantoms (tools/make_abdomen_phantoms.py, seed {seed}), "
-                            f"{titles[direction]}; "
-                            "each subject's CT paired with its own MR, which differs by a known smooth deformation "
-                            "(largest on the liver). CT in HU, MR raw."),
+            "description": (
+                f"Synthetic abdominal CT/MR T1 phantoms (tools/make_abdomen_phantoms.py, seed {seed}), "
+                f"{titles[direction]}; "
+                "each subject's CT paired with its own MR, which differs by a known smooth deformation "
+                "(largest on the liver). CT in HU, MR raw."
+            ),
             "direction": direction,
             "spatial_shape": list(shape),
             "spacing_mm": [SPACING_MM] * 3,
@@ -502,9 +560,15 @@ def build_datalists(cases: list[str], shape, seed: int) -> dict[str, dict]:
             items = []
             for case in names:
                 files = case_files(case)
-                items.append({"fixed_image": files[fixed], "moving_image": files[moving],
-                              "fixed_label": files[f"{fixed}_label"], "moving_label": files[f"{moving}_label"],
-                              "name": case})
+                items.append(
+                    {
+                        "fixed_image": files[fixed],
+                        "moving_image": files[moving],
+                        "fixed_label": files[f"{fixed}_label"],
+                        "moving_label": files[f"{moving}_label"],
+                        "name": case,
+                    }
+                )
             datalist[split] = items
         out[direction] = datalist
     return out
@@ -515,10 +579,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "data" / "abdomen_phantoms", help="output folder")
     parser.add_argument("--n-subjects", type=int, default=12, help="number of subjects (at least 3)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives identical files")
-    parser.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("X", "Y", "Z"),
-                        help="volume size in 1 mm voxels")
-    parser.add_argument("--save-ddf", action="store_true",
-                        help="also write the true CT->MRI displacement of each subject to <out>/ddf/")
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=3,
+        default=list(DEFAULT_SHAPE),
+        metavar=("X", "Y", "Z"),
+        help="volume size in 1 mm voxels",
+    )
+    parser.add_argument(
+        "--save-ddf", action="store_true", help="also write the true CT->MRI displacement of each subject to <out>/ddf/"
+    )
     args = parser.parse_args(argv)
     shape = tuple(args.shape)
     if min(shape) < 16:
@@ -547,10 +618,14 @@ def main(argv: list[str] | None = None) -> int:
     for direction, datalist in build_datalists(cases, shape, args.seed).items():
         atomic_write_text(json.dumps(datalist, indent=2), out / f"datalist_{direction}.json")
     n_train, n_val, n_test = split_sizes(len(cases))
-    print(f"abdomen phantoms: {len(cases)} subjects of {shape} at {SPACING_MM:g} mm in {out} "
-          f"(training/validation/test {n_train}/{n_val}/{n_test})")
-    print(f"datalists: {out / 'datalist_ct2mri.json'} (fixed MR, moving CT), "
-          f"{out / 'datalist_mri2ct.json'} (fixed CT, moving MR)")
+    print(
+        f"abdomen phantoms: {len(cases)} subjects of {shape} at {SPACING_MM:g} mm in {out} "
+        f"(training/validation/test {n_train}/{n_val}/{n_test})"
+    )
+    print(
+        f"datalists: {out / 'datalist_ct2mri.json'} (fixed MR, moving CT), "
+        f"{out / 'datalist_mri2ct.json'} (fixed CT, moving MR)"
+    )
     return 0
 
 

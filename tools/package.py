@@ -92,21 +92,29 @@ def check_dependencies(name: str, meta: dict, bundles_dir: Path) -> dict[str, st
     {dependency: its actual version}. Raises PackagingError naming the problem."""
     deps = meta.get("bundle_dependencies", {})
     if not isinstance(deps, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in deps.items()):
-        raise PackagingError(f"{name}: metadata.json bundle_dependencies must map bundle names to versions, got {deps!r}")
+        raise PackagingError(
+            f"{name}: metadata.json bundle_dependencies must map bundle names to versions, got {deps!r}"
+        )
     found = {}
     for dep, declared in sorted(deps.items()):
         root = bundles_dir / dep
         if not (root / "configs" / "metadata.json").is_file():
-            raise PackagingError(f"{name} depends on bundle {dep} {declared} (metadata.json bundle_dependencies), "
-                                 f"but {root} is not a bundle (no configs/metadata.json): add {dep} to {bundles_dir}")
+            raise PackagingError(
+                f"{name} depends on bundle {dep} {declared} (metadata.json bundle_dependencies), "
+                f"but {root} is not a bundle (no configs/metadata.json): add {dep} to {bundles_dir}"
+            )
         actual = read_metadata(root).get("version", "")
         if not compatible(declared, actual, where=f"{dep}"):
-            raise PackagingError(f"{name} depends on bundle {dep} {declared}, but {root} has version {actual}, "
-                                 f"which is not compatible (needs the same "
-                                 f"{'minor' if _version_tuple(declared, dep)[0] == 0 else 'major'} series, >= {declared})")
+            raise PackagingError(
+                f"{name} depends on bundle {dep} {declared}, but {root} has version {actual}, "
+                f"which is not compatible (needs the same "
+                f"{'minor' if _version_tuple(declared, dep)[0] == 0 else 'major'} series, >= {declared})"
+            )
         if not (root / "models" / "model.pt").is_file():
-            raise PackagingError(f"{name} depends on bundle {dep}, but {root}/models/model.pt is missing "
-                                 f"(its weights are used at run time)")
+            raise PackagingError(
+                f"{name} depends on bundle {dep}, but {root}/models/model.pt is missing "
+                f"(its weights are used at run time)"
+            )
         found[dep] = actual
     return found
 
@@ -123,8 +131,11 @@ def bundle_files(root: Path) -> list[tuple[Path, str]]:
             continue
         for path in sorted(base.rglob("*")):
             rel = path.relative_to(root)
-            if (path.is_file() and not any(part in SKIP_NAMES or part.startswith(".") for part in rel.parts)
-                    and not path.name.endswith(SKIP_SUFFIXES)):
+            if (
+                path.is_file()
+                and not any(part in SKIP_NAMES or part.startswith(".") for part in rel.parts)
+                and not path.name.endswith(SKIP_SUFFIXES)
+            ):
                 entries.append((path, rel.as_posix()))
     for path, rel in entries:
         if rel.endswith(".json"):
@@ -141,8 +152,10 @@ def write_zip(name: str, root: Path, target: Path) -> list[str]:
 
     def write(tmp: Path) -> None:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for folder in sorted({f"{name}/"} | {f"{name}/{Path(rel).parent.as_posix()}/" for _, rel in entries
-                                                 if Path(rel).parent.as_posix() != "."}):
+            for folder in sorted(
+                {f"{name}/"}
+                | {f"{name}/{Path(rel).parent.as_posix()}/" for _, rel in entries if Path(rel).parent.as_posix() != "."}
+            ):
                 info = zipfile.ZipInfo(folder, date_time=ZIP_DATE)
                 info.external_attr = (0o40755 << 16) | 0x10
                 zf.writestr(info, b"")
@@ -178,8 +191,13 @@ def update_model_info(path: Path, entries: dict[str, dict]) -> dict:
     return info
 
 
-def package(names: list[str] | None = None, bundles_dir: Path = BUNDLES, output_dir: Path = DEFAULT_OUTPUT,
-            base_url: str | None = None, log=print) -> dict[str, dict]:
+def package(
+    names: list[str] | None = None,
+    bundles_dir: Path = BUNDLES,
+    output_dir: Path = DEFAULT_OUTPUT,
+    base_url: str | None = None,
+    log=print,
+) -> dict[str, dict]:
     """Package the named bundles (default: every bundle with configs/metadata.json); returns the model_info
     entries written. Raises PackagingError on bad input."""
     bundles_dir, output_dir = Path(bundles_dir).resolve(), Path(output_dir).resolve()
@@ -206,11 +224,16 @@ def package(names: list[str] | None = None, bundles_dir: Path = BUNDLES, output_
         zip_path = output_dir / f"{name}_v{version}.zip"
         members = write_zip(name, root, zip_path)
         source = f"{base_url.rstrip('/')}/{zip_path.name}" if base_url else zip_path.as_uri()
-        entries[f"{name}_v{version}"] = {"checksum": file_hash(zip_path, "sha1"), "sha256": file_hash(zip_path, "sha256"),
-                                         "source": source}
+        entries[f"{name}_v{version}"] = {
+            "checksum": file_hash(zip_path, "sha1"),
+            "sha256": file_hash(zip_path, "sha256"),
+            "source": source,
+        }
         dep_text = f"; depends on {', '.join(f'{d} {v}' for d, v in deps.items())} (found compatible)" if deps else ""
-        log(f"PACKAGED {name} {version}: {zip_path} ({zip_path.stat().st_size:,} bytes, "
-            f"{sum(not m.endswith('/') for m in members)} files){dep_text}")
+        log(
+            f"PACKAGED {name} {version}: {zip_path} ({zip_path.stat().st_size:,} bytes, "
+            f"{sum(not m.endswith('/') for m in members)} files){dep_text}"
+        )
     if entries:
         update_model_info(output_dir / "model_info.json", entries)
         log(f"model_info.json: {output_dir / 'model_info.json'} ({', '.join(entries)})")
@@ -222,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("bundles", nargs="*", help="bundle names (default: every bundle with configs/metadata.json)")
     parser.add_argument("--bundles-dir", type=Path, default=BUNDLES, help="folder holding the bundles")
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT, help="where the zips and model_info.json go")
-    parser.add_argument("--base-url", help="URL the zips will be published under (model_info.json 'source'); "
-                                           "default: the zips' file:// URLs")
+    parser.add_argument(
+        "--base-url",
+        help="URL the zips will be published under (model_info.json 'source'); default: the zips' file:// URLs",
+    )
     args = parser.parse_args(argv)
     try:
         package(args.bundles, args.bundles_dir, args.output_dir, args.base_url)

@@ -48,10 +48,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -62,7 +60,6 @@ from tqdm import tqdm
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.niftiio import atomic_save, atomic_write_text, crop_or_pad  # noqa: E402
-
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASET_JSON = "AbdomenMRCT_dataset.json"
@@ -80,13 +77,14 @@ DEFAULT_MODALITY = {0: "mr", 1: "ct"}
 CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
-def fail(message: str) -> "SystemExit":
+def fail(message: str) -> SystemExit:
     return SystemExit(f"error: {message}")
 
 
 # ----------------------------------------------------------------------------------------------
 # dataset JSON
 # ----------------------------------------------------------------------------------------------
+
 
 def load_dataset_json(root: Path) -> tuple[dict, Path]:
     path = root / DATASET_JSON
@@ -127,8 +125,10 @@ def label_table(names: dict[int, str], where: str) -> np.ndarray:
             found.setdefault(target, []).append(source_id)
     missing = [TARGET_LABELS[t] for t in TARGET_LABELS if t not in found]
     if missing:
-        raise fail(f"{where} has no label named {', '.join(repr(m) for m in missing)} "
-                   f"(labels found: {json.dumps({str(k): v for k, v in sorted(names.items())})})")
+        raise fail(
+            f"{where} has no label named {', '.join(repr(m) for m in missing)} "
+            f"(labels found: {json.dumps({str(k): v for k, v in sorted(names.items())})})"
+        )
     duplicates = {TARGET_LABELS[t]: ids for t, ids in found.items() if len(ids) > 1}
     if duplicates:
         raise fail(f"{where} names an organ more than once: {duplicates}")
@@ -162,7 +162,7 @@ def parse_labels(data: dict, json_path: Path) -> dict[int | None, np.ndarray]:
         tables = {}
         for channel, mapping in labels.items():
             if not str(channel).isdigit():
-                raise fail(f"{where}: expected channel keys like \"0\", \"1\", got {channel!r}")
+                raise fail(f'{where}: expected channel keys like "0", "1", got {channel!r}')
             tables[int(channel)] = label_table(parse_flat_labels(mapping, where), f"{where}[{channel!r}]")
         return tables
     return {None: label_table(parse_flat_labels(labels, where), where)}
@@ -211,19 +211,25 @@ def resolve_image(root: Path, entry: str, modalities: dict[int, str], where: str
         raise fail(f"{where}: {entry!r} does not end in a _XXXX channel suffix (_0000 MR, _0001 CT)")
     channel = int(match["channel"])
     if channel not in modalities:
-        raise fail(f"{where}: {entry!r} has channel {channel:04d}, which is neither MR nor CT "
-                   f"({', '.join(f'_{c:04d} {m.upper()}' for c, m in sorted(modalities.items()))})")
+        raise fail(
+            f"{where}: {entry!r} has channel {channel:04d}, which is neither MR nor CT "
+            f"({', '.join(f'_{c:04d} {m.upper()}' for c, m in sorted(modalities.items()))})"
+        )
     candidates = [root / name] if not name.is_absolute() else [name]
-    candidates += [root / "imagesTr" / f"{base}.nii.gz", root / "imagesTr" / f"{base}.nii",
-                   root / "imagesTs" / f"{base}.nii.gz"]
+    candidates += [
+        root / "imagesTr" / f"{base}.nii.gz",
+        root / "imagesTr" / f"{base}.nii",
+        root / "imagesTs" / f"{base}.nii.gz",
+    ]
     for candidate in candidates:
         if candidate.is_file():
             return Image(candidate, match["case"], channel, modalities[channel])
     raise fail(f"{where}: image file {candidates[0]} not found")
 
 
-def parse_pairs(data: dict, key: str, root: Path, json_path: Path, modalities: dict[int, str],
-                required: bool = True) -> list[tuple[Image, Image]]:
+def parse_pairs(
+    data: dict, key: str, root: Path, json_path: Path, modalities: dict[int, str], required: bool = True
+) -> list[tuple[Image, Image]]:
     """(mr, ct) pairs of a JSON pair list; pair dicts may use fixed/moving or channel keys."""
     entries = data.get(key)
     if entries is None or entries == []:
@@ -258,6 +264,7 @@ def pair_name(mr: Image, ct: Image) -> str:
 # ----------------------------------------------------------------------------------------------
 # volumes
 # ----------------------------------------------------------------------------------------------
+
 
 def load_volume(path: Path, what: str) -> nib.Nifti1Image:
     if not path.is_file():
@@ -295,8 +302,7 @@ def resample(data: np.ndarray, affine: np.ndarray, spacing: float | None, order:
     c_old = (np.array(data.shape) - 1) / 2
     c_new = (np.array(new_shape) - 1) / 2
     offset = c_old - step * c_new
-    out = ndimage.affine_transform(data, step, offset=offset, output_shape=new_shape, order=order,
-                                   mode="nearest")
+    out = ndimage.affine_transform(data, step, offset=offset, output_shape=new_shape, order=order, mode="nearest")
     new_affine = affine.copy()
     new_affine[:3, :3] = affine[:3, :3] @ np.diag(step)
     new_affine[:3, 3] = affine[:3, :3] @ offset + affine[:3, 3]
@@ -354,12 +360,13 @@ def nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     return img
 
 
-
-
 def output_files(img: Image) -> dict[str, str]:
     m = img.modality
-    return {"image": f"{m}/{img.case}_{m}.nii.gz", "label": f"labels/{img.case}_{m}_label.nii.gz",
-            "mask": f"masks/{img.case}_{m}_mask.nii.gz"}
+    return {
+        "image": f"{m}/{img.case}_{m}.nii.gz",
+        "label": f"labels/{img.case}_{m}_label.nii.gz",
+        "mask": f"masks/{img.case}_{m}_mask.nii.gz",
+    }
 
 
 def check_pair_grids(mr: Image, ct: Image, spacing: float | None) -> None:
@@ -368,20 +375,27 @@ def check_pair_grids(mr: Image, ct: Image, spacing: float | None) -> None:
     a = spacing_of(nib.as_closest_canonical(nib.load(str(mr.path))).affine)
     b = spacing_of(nib.as_closest_canonical(nib.load(str(ct.path))).affine)
     if not np.allclose(a, b, atol=1e-3):
-        raise fail(f"{mr.path} (spacing {np.round(a, 3).tolist()}) and {ct.path} (spacing {np.round(b, 3).tolist()}) "
-                   f"have different voxel sizes; pass --spacing to resample both")
+        raise fail(
+            f"{mr.path} (spacing {np.round(a, 3).tolist()}) and {ct.path} (spacing {np.round(b, 3).tolist()}) "
+            f"have different voxel sizes; pass --spacing to resample both"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # main
 # ----------------------------------------------------------------------------------------------
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, required=True, help="the unzipped AbdomenMRCT folder")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "data" / "learn2reg_abdomen", help="output folder")
-    parser.add_argument("--spacing", type=float, default=None,
-                        help="resample to this isotropic spacing in mm before the crop (default: native grid)")
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        default=None,
+        help="resample to this isotropic spacing in mm before the crop (default: native grid)",
+    )
     args = parser.parse_args(argv)
     if args.spacing is not None and args.spacing <= 0:
         raise fail(f"--spacing must be positive, got {args.spacing}")
@@ -398,8 +412,11 @@ def main(argv: list[str] | None = None) -> int:
         test = parse_pairs(data, "registration_test", root, json_path, modalities, required=False)
     except SystemExit:
         test = []  # test images not downloaded
-    if test and not all((root / "labelsTr" / img.path.name).is_file() or
-                        (root / "labelsTs" / img.path.name).is_file() for pair in test for img in pair):
+    if test and not all(
+        (root / "labelsTr" / img.path.name).is_file() or (root / "labelsTs" / img.path.name).is_file()
+        for pair in test
+        for img in pair
+    ):
         test = []  # Learn2Reg releases no test labels: evaluation needs them
     test_is_validation = not test
     if test_is_validation:
@@ -443,36 +460,49 @@ def main(argv: list[str] | None = None) -> int:
             atomic_save(nifti(mask, affine), out / files["mask"])
 
     spacing_text = f"{args.spacing:g} mm" if args.spacing else "native spacing"
-    base = (f"Learn2Reg 2021 AbdomenMRCT (from {json_path.name}) prepared by tools/prepare_learn2reg_abdomen.py: "
-            f"RAS, {spacing_text}, centre crop/pad to {'x'.join(map(str, TARGET_SHAPE))}; CT clipped to "
-            f"[{CT_CLIP[0]:g}, {CT_CLIP[1]:g}] HU; MR clipped at its {MR_PERCENTILE:g}th percentile; labels "
-            f"1 liver, 2 spleen, 3 right kidney, 4 left kidney (mapped by name). training = training_paired_images "
-            f"minus the registration_val cases; validation = registration_val; "
-            + ("test = validation (no labelled test set is given)." if test_is_validation
-               else "test = registration_test."))
+    base = (
+        f"Learn2Reg 2021 AbdomenMRCT (from {json_path.name}) prepared by tools/prepare_learn2reg_abdomen.py: "
+        f"RAS, {spacing_text}, centre crop/pad to {'x'.join(map(str, TARGET_SHAPE))}; CT clipped to "
+        f"[{CT_CLIP[0]:g}, {CT_CLIP[1]:g}] HU; MR clipped at its {MR_PERCENTILE:g}th percentile; labels "
+        f"1 liver, 2 spleen, 3 right kidney, 4 left kidney (mapped by name). training = training_paired_images "
+        f"minus the registration_val cases; validation = registration_val; "
+        + ("test = validation (no labelled test set is given)." if test_is_validation else "test = registration_test.")
+    )
     for direction, (fixed, moving) in {"ct2mri": ("mr", "ct"), "mri2ct": ("ct", "mr")}.items():
         title = "CT->MRI: fixed MR, moving CT. " if direction == "ct2mri" else "MRI->CT: fixed CT, moving MR. "
-        datalist: dict = {"description": title + base, "direction": direction,
-                          "spatial_shape": list(TARGET_SHAPE),
-                          "labels": {"0": "background", **{str(k): v for k, v in TARGET_LABELS.items()}},
-                          "test_is_validation": test_is_validation}
+        datalist: dict = {
+            "description": title + base,
+            "direction": direction,
+            "spatial_shape": list(TARGET_SHAPE),
+            "labels": {"0": "background", **{str(k): v for k, v in TARGET_LABELS.items()}},
+            "test_is_validation": test_is_validation,
+        }
         for split, pairs in (("training", training), ("validation", validation), ("test", test)):
             items = []
             for mr, ct in pairs:
                 by = {"mr": mr, "ct": ct}
                 f, m = output_files(by[fixed]), output_files(by[moving])
-                item = {"fixed_image": f["image"], "moving_image": m["image"], "fixed_label": f["label"],
-                        "moving_label": m["label"], "name": pair_name(mr, ct)}
+                item = {
+                    "fixed_image": f["image"],
+                    "moving_image": m["image"],
+                    "fixed_label": f["label"],
+                    "moving_label": m["label"],
+                    "name": pair_name(mr, ct),
+                }
                 if has_mask[by[fixed].stem] and has_mask[by[moving].stem]:
                     item.update({"fixed_mask": f["mask"], "moving_mask": m["mask"]})
                 items.append(item)
             datalist[split] = items
         atomic_write_text(json.dumps(datalist, indent=2), out / f"datalist_{direction}.json")
-    print(f"learn2reg abdomen: {len(images)} volumes of {TARGET_SHAPE} ({spacing_text}) in {out}; "
-          f"pairs training/validation/test {len(training)}/{len(validation)}/{len(test)}"
-          + (" (test = validation)" if test_is_validation else ""))
-    print(f"datalists: {out / 'datalist_ct2mri.json'} (fixed MR, moving CT), "
-          f"{out / 'datalist_mri2ct.json'} (fixed CT, moving MR)")
+    print(
+        f"learn2reg abdomen: {len(images)} volumes of {TARGET_SHAPE} ({spacing_text}) in {out}; "
+        f"pairs training/validation/test {len(training)}/{len(validation)}/{len(test)}"
+        + (" (test = validation)" if test_is_validation else "")
+    )
+    print(
+        f"datalists: {out / 'datalist_ct2mri.json'} (fixed MR, moving CT), "
+        f"{out / 'datalist_mri2ct.json'} (fixed CT, moving MR)"
+    )
     return 0
 
 

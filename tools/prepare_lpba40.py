@@ -2,7 +2,7 @@
 """Turn an LPBA40 download into the refdrn registration datalist.
 
 LPBA40 (LONI Probabilistic Brain Atlas, 40 subjects) is not redistributable, so users download
-it themselves and point this tool at it (GUIDE §4). The tool reads, for each subject SNN,
+it themselves and point this tool at it. The tool reads, for each subject SNN,
 
     <root>/delineation_space/SNN/SNN.delineation.skullstripped.img       (+ .hdr, Analyze 7.5)
     <root>/delineation_space/SNN/SNN.delineation.structure.label.img     (+ .hdr, Analyze 7.5)
@@ -31,11 +31,9 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import random
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -46,7 +44,6 @@ from tqdm import tqdm
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.niftiio import atomic_save, atomic_write_text  # noqa: E402
-
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TARGET_SHAPE = (160, 208, 176)
@@ -60,8 +57,13 @@ LABEL_SUFFIX = ".delineation.structure.label.img"
 
 # The 56 LPBA40 structures, ascending; new id = position + 1.
 LPBA40_LABEL_IDS = (
-    list(range(21, 35)) + list(range(41, 51)) + list(range(61, 69)) + list(range(81, 93))
-    + [101, 102, 121, 122] + list(range(161, 167)) + [181, 182]
+    list(range(21, 35))
+    + list(range(41, 51))
+    + list(range(61, 69))
+    + list(range(81, 93))
+    + [101, 102, 121, 122]
+    + list(range(161, 167))
+    + [181, 182]
 )
 assert len(LPBA40_LABEL_IDS) == 56 and LPBA40_LABEL_IDS == sorted(LPBA40_LABEL_IDS)
 LABEL_MAP = {orig: new for new, orig in enumerate(LPBA40_LABEL_IDS, start=1)}  # original id -> new id
@@ -77,8 +79,10 @@ def resolve_delineation_dir(root: Path) -> Path:
         return root / "delineation_space"
     if root.name == "delineation_space" or any(p.is_dir() and re.fullmatch(r"S\d\d", p.name) for p in root.iterdir()):
         return root
-    raise SystemExit(f"error: {root} holds neither a delineation_space folder nor LPBA40 subject folders (S01..S40); "
-                     f"point --root at the LPBA40 folder that contains delineation_space")
+    raise SystemExit(
+        f"error: {root} holds neither a delineation_space folder nor LPBA40 subject folders (S01..S40); "
+        f"point --root at the LPBA40 folder that contains delineation_space"
+    )
 
 
 def subject_files(base: Path, subject: str) -> tuple[Path, Path]:
@@ -90,8 +94,10 @@ def check_inputs(base: Path, subjects: list[str]) -> None:
     """Fail before any work when a subject folder or one of its four files is missing."""
     missing_dirs = [s for s in subjects if not (base / s).is_dir()]
     if missing_dirs:
-        raise SystemExit(f"error: missing LPBA40 subject folder(s) in {base}: {', '.join(missing_dirs)} "
-                         f"(expected {base}/SNN/SNN{IMAGE_SUFFIX} and SNN{LABEL_SUFFIX})")
+        raise SystemExit(
+            f"error: missing LPBA40 subject folder(s) in {base}: {', '.join(missing_dirs)} "
+            f"(expected {base}/SNN/SNN{IMAGE_SUFFIX} and SNN{LABEL_SUFFIX})"
+        )
     missing_files = []
     for s in subjects:
         for img in subject_files(base, s):
@@ -110,8 +116,9 @@ def load_3d(path: Path) -> tuple[np.ndarray, np.ndarray]:
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim != 3:
-        raise SystemExit(f"error: {path} has shape {img.shape}; expected a 3D volume (optionally with a "
-                         f"trailing singleton axis)")
+        raise SystemExit(
+            f"error: {path} has shape {img.shape}; expected a 3D volume (optionally with a trailing singleton axis)"
+        )
     return data, img.affine
 
 
@@ -124,8 +131,10 @@ def remap_labels(labels: np.ndarray, path: Path) -> np.ndarray:
     ids = np.unique(as_int)
     unexpected = [int(i) for i in ids if i != 0 and int(i) not in LABEL_MAP]
     if unexpected:
-        raise SystemExit(f"error: {path} has unexpected label id(s) {unexpected}; LPBA40 labels are 0 and "
-                         f"{LPBA40_LABEL_IDS[0]}..{LPBA40_LABEL_IDS[-1]} ({len(LPBA40_LABEL_IDS)} structures)")
+        raise SystemExit(
+            f"error: {path} has unexpected label id(s) {unexpected}; LPBA40 labels are 0 and "
+            f"{LPBA40_LABEL_IDS[0]}..{LPBA40_LABEL_IDS[-1]} ({len(LPBA40_LABEL_IDS)} structures)"
+        )
     lut = np.zeros(max(LABEL_MAP) + 1, dtype=np.uint8)
     for orig, new in LABEL_MAP.items():
         lut[orig] = new
@@ -139,15 +148,17 @@ def resample(data: np.ndarray, affine: np.ndarray, spacing: float, order: int) -
         return data, affine
     step = spacing / zooms  # input voxels per output voxel
     shape = tuple(int(np.floor((n - 1) / s + 1e-6)) + 1 for n, s in zip(data.shape, step))
-    out = ndimage.affine_transform(data, step, output_shape=shape, order=order, mode="constant", cval=0.0,
-                                   prefilter=False)
+    out = ndimage.affine_transform(
+        data, step, output_shape=shape, order=order, mode="constant", cval=0.0, prefilter=False
+    )
     new_affine = affine.copy()
     new_affine[:3, :3] = affine[:3, :3] * step  # scales column j by step[j]
     return out, new_affine
 
 
-def crop_or_pad(data: np.ndarray, affine: np.ndarray, center: np.ndarray,
-                shape: tuple[int, int, int] = TARGET_SHAPE) -> tuple[np.ndarray, np.ndarray]:
+def crop_or_pad(
+    data: np.ndarray, affine: np.ndarray, center: np.ndarray, shape: tuple[int, int, int] = TARGET_SHAPE
+) -> tuple[np.ndarray, np.ndarray]:
     """Take a `shape` box centred on `center` (voxels), zero-padding outside the volume."""
     out = np.zeros(shape, dtype=data.dtype)
     start = np.round(center - np.array(shape) / 2).astype(int)
@@ -156,20 +167,24 @@ def crop_or_pad(data: np.ndarray, affine: np.ndarray, center: np.ndarray,
     dst_lo = src_lo - start
     dst_hi = dst_lo + (src_hi - src_lo)
     if np.all(src_hi > src_lo):
-        out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))] = \
-            data[tuple(slice(a, b) for a, b in zip(src_lo, src_hi))]
+        out[tuple(slice(a, b) for a, b in zip(dst_lo, dst_hi))] = data[
+            tuple(slice(a, b) for a, b in zip(src_lo, src_hi))
+        ]
     new_affine = affine.copy()
     new_affine[:3, 3] = affine[:3, :3] @ start + affine[:3, 3]
     return out, new_affine
 
 
-def process_subject(image_path: Path, label_path: Path,
-                    spacing: float = DEFAULT_SPACING) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
+def process_subject(
+    image_path: Path, label_path: Path, spacing: float = DEFAULT_SPACING
+) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
     image, affine = load_3d(image_path)
     labels, _ = load_3d(label_path)
     if image.shape != labels.shape:
-        raise SystemExit(f"error: {label_path} has shape {labels.shape} but its image {image_path} has "
-                         f"{image.shape}; they must share one grid")
+        raise SystemExit(
+            f"error: {label_path} has shape {labels.shape} but its image {image_path} has "
+            f"{image.shape}; they must share one grid"
+        )
     image = image.astype(np.float32)
     if not np.isfinite(image).all():
         raise SystemExit(f"error: {image_path} contains NaN or infinite values")
@@ -215,6 +230,7 @@ def split_sizes(n: int) -> dict[str, int]:
     """
     if n < 3:
         raise SystemExit(f"error: need at least 3 LPBA40 subjects for a training/test split, got {n}")
+
     def scaled(key: str) -> int:  # round half up, unlike round()
         return int(np.floor(n * SPLIT_FRACTIONS[key] / NUM_SUBJECTS + 0.5))
 
@@ -235,7 +251,7 @@ def split_subjects(subjects: list[str], seed: int | None = None) -> dict[str, li
     sizes = split_sizes(len(order))
     out, start = {}, 0
     for key in SPLITS:
-        out[key] = sorted(order[start:start + sizes[key]])
+        out[key] = sorted(order[start : start + sizes[key]])
         start += sizes[key]
     return out
 
@@ -260,7 +276,7 @@ def make_pairs(subjects: list[str], all_pairs: bool) -> list[dict]:
 def build_datalist(splits: dict[str, list[str]], seed: int | None, spacing: float) -> dict:
     datalist: dict = {
         "description": "LPBA40 T1 brain registration pairs built by tools/prepare_lpba40.py "
-                       "(pair names read <moving>_to_<fixed>)",
+        "(pair names read <moving>_to_<fixed>)",
         "spatial_shape": list(TARGET_SHAPE),
         "spacing_mm": spacing if spacing > 0 else "native",
         "split_seed": seed,
@@ -284,15 +300,33 @@ def parse_subject(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--root", type=Path, required=True,
-                        help="LPBA40 folder that contains delineation_space (or delineation_space itself)")
+    parser.add_argument(
+        "--root",
+        type=Path,
+        required=True,
+        help="LPBA40 folder that contains delineation_space (or delineation_space itself)",
+    )
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "data" / "lpba40", help="output folder")
-    parser.add_argument("--split-seed", type=int, default=None,
-                        help="shuffle subjects with this seed before the 30/4/6 split (default: subject order)")
-    parser.add_argument("--subjects", type=parse_subject, nargs="+", default=None, metavar="SNN",
-                        help="use only these subjects (default: all 40); the split is scaled to their number")
-    parser.add_argument("--spacing", type=float, default=DEFAULT_SPACING,
-                        help="isotropic output voxel size in mm (default 1.0; 0 keeps the native grid)")
+    parser.add_argument(
+        "--split-seed",
+        type=int,
+        default=None,
+        help="shuffle subjects with this seed before the 30/4/6 split (default: subject order)",
+    )
+    parser.add_argument(
+        "--subjects",
+        type=parse_subject,
+        nargs="+",
+        default=None,
+        metavar="SNN",
+        help="use only these subjects (default: all 40); the split is scaled to their number",
+    )
+    parser.add_argument(
+        "--spacing",
+        type=float,
+        default=DEFAULT_SPACING,
+        help="isotropic output voxel size in mm (default 1.0; 0 keeps the native grid)",
+    )
     args = parser.parse_args(argv)
 
     subjects = sorted(set(args.subjects)) if args.subjects else list(SUBJECTS)

@@ -38,16 +38,23 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = REPO_ROOT / "bundles"
 SCHEMA = REPO_ROOT / "tools" / "schemas" / "meta_schema_20240725.json"
-REQUIRED = ("configs/metadata.json", "LICENSE", "models/model.pt", "configs/inference.json", "docs/README.md",
-            "docs/data_license.txt", "configs/logging.conf")
-OVERRIDE_CONFIGS = ("multi_gpu_train.json",)  # merged with train.json, as the zoo runs them
+REQUIRED = (
+    "configs/metadata.json",
+    "LICENSE",
+    "models/model.pt",
+    "configs/inference.json",
+    "docs/README.md",
+    "docs/data_license.txt",
+    "configs/logging.conf",
+)
+OVERRIDE_CONFIGS = ("multi_gpu_train.json", "evaluate.json")  # merged with train.json, as the zoo runs them
 INPUT_PATH_KEYS = ("ckpt_path", "rem_bundle")  # bundle_root-relative inputs that must exist in the bundle
 WEIGHTS = "models/model.pt"
 UNTRAINED = "not trained: no models/model.pt"
 
 
 class Untrained(Exception):
-    """A check that needs models/model.pt, on a bundle that has none (reported as SKIP, or FAIL with --require-weights)."""
+    """A check that needs models/model.pt, on a bundle that has none (SKIP, or FAIL with --require-weights)."""
 
 
 def _export_tools():
@@ -99,11 +106,16 @@ def check_metadata(root: Path) -> str:
 def check_versions(root: Path) -> str:
     meta = json.loads((root / "configs" / "metadata.json").read_text())
     pins = pinned_versions()
-    wrong = [f"{key}={meta.get(key)} (pinned {pins[pkg]})" for key, pkg in
-             (("monai_version", "monai"), ("pytorch_version", "torch"), ("numpy_version", "numpy"))
-             if meta.get(key) != pins[pkg]]
-    wrong += [f"{pkg}={v} (pinned {pins.get(pkg.lower())})" for pkg, v in meta.get("required_packages_version", {}).items()
-              if pins.get(pkg.lower()) != v]
+    wrong = [
+        f"{key}={meta.get(key)} (pinned {pins[pkg]})"
+        for key, pkg in (("monai_version", "monai"), ("pytorch_version", "torch"), ("numpy_version", "numpy"))
+        if meta.get(key) != pins[pkg]
+    ]
+    wrong += [
+        f"{pkg}={v} (pinned {pins.get(pkg.lower())})"
+        for pkg, v in meta.get("required_packages_version", {}).items()
+        if pins.get(pkg.lower()) != v
+    ]
     if wrong:
         raise AssertionError("; ".join(wrong))
     return "monai, pytorch, numpy and required packages match requirements.txt"
@@ -116,8 +128,14 @@ def _shape_from_metadata(root: Path, n: int = 4) -> tuple[int, ...]:
 def check_net_in_out(root: Path) -> str:
     from monai.bundle import verify_net_in_out
 
-    verify_net_in_out(net_id="network_def", meta_file=str(root / "configs" / "metadata.json"),
-                      config_file=str(root / "configs" / "inference.json"), device="cpu", n=4, any=1)
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(root / "configs" / "metadata.json"),
+        config_file=str(root / "configs" / "inference.json"),
+        device="cpu",
+        n=4,
+        any=1,
+    )
     return f"input {_shape_from_metadata(root)} verified"
 
 
@@ -142,7 +160,11 @@ def check_configs(root: Path) -> str:
     configs = sorted(p.name for p in (root / "configs").glob("*.json") if p.name != "metadata.json")
     checked, untrained = [], set()
     for name in configs:
-        files = [root / "configs" / "train.json", root / "configs" / name] if name in OVERRIDE_CONFIGS else [root / "configs" / name]
+        files = (
+            [root / "configs" / "train.json", root / "configs" / name]
+            if name in OVERRIDE_CONFIGS
+            else [root / "configs" / name]
+        )
         parser = ConfigParser()
         parser.read_config([str(f) for f in files])
         parser["bundle_root"] = str(root)
@@ -166,9 +188,15 @@ def check_configs(root: Path) -> str:
     return detail
 
 
-CHECKS = [("required files", check_required_files), ("metadata schema", check_metadata),
-          ("versions", check_versions), ("network shapes", check_net_in_out), ("configs", check_configs),
-          ("weights", check_weights), ("torchscript export", check_export)]
+CHECKS = [
+    ("required files", check_required_files),
+    ("metadata schema", check_metadata),
+    ("versions", check_versions),
+    ("network shapes", check_net_in_out),
+    ("configs", check_configs),
+    ("weights", check_weights),
+    ("torchscript export", check_export),
+]
 
 
 def run_worker(bundle: str, skip_export: bool, bundles_dir: Path = BUNDLES, require_weights: bool = False) -> int:
@@ -184,12 +212,18 @@ def run_worker(bundle: str, skip_export: bool, bundles_dir: Path = BUNDLES, requ
             detail = check(root)
             print(json.dumps({"check": name, "ok": True, "detail": detail}), flush=True)
         except Untrained as e:  # honest: not checked because there are no weights
-            print(json.dumps({"check": name, "ok": False if require_weights else None, "detail": str(e),
-                              "untrained": True}), flush=True)
+            print(
+                json.dumps(
+                    {"check": name, "ok": False if require_weights else None, "detail": str(e), "untrained": True}
+                ),
+                flush=True,
+            )
         except Exception as e:  # report every failure, keep checking
             detail = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
-            print(json.dumps({"check": name, "ok": False, "detail": detail,
-                              "trace": traceback.format_exc()[-2000:]}), flush=True)
+            print(
+                json.dumps({"check": name, "ok": False, "detail": detail, "trace": traceback.format_exc()[-2000:]}),
+                flush=True,
+            )
     return 0
 
 
@@ -197,8 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundles", nargs="*", help="bundle names (default: every bundle with configs/metadata.json)")
     parser.add_argument("--skip-export", action="store_true", help="skip the TorchScript export check")
-    parser.add_argument("--require-weights", action="store_true",
-                        help="a bundle without models/model.pt fails (default: its weight checks are SKIP)")
+    parser.add_argument(
+        "--require-weights",
+        action="store_true",
+        help="a bundle without models/model.pt fails (default: its weight checks are SKIP)",
+    )
     parser.add_argument("--bundles-dir", type=Path, default=BUNDLES, help="folder holding the bundles")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -219,7 +256,9 @@ def main(argv: list[str] | None = None) -> int:
         result = subprocess.run(cmd, capture_output=True, text=True, env=env)
         rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
         if result.returncode != 0 or len(rows) != len(CHECKS):
-            rows.append({"check": "worker", "ok": False, "detail": (result.stderr.strip().splitlines() or ["crashed"])[-1]})
+            rows.append(
+                {"check": "worker", "ok": False, "detail": (result.stderr.strip().splitlines() or ["crashed"])[-1]}
+            )
         if any(row.get("untrained") for row in rows):
             untrained.append(name)
         for row in rows:

@@ -2,9 +2,10 @@
 
 The phantoms come from tools/make_abdomen_phantoms.py at 36x40x32 (not a multiple of 16, so the network's
 pad-then-crop path is exercised everywhere); the network is F3RNet's topology with 4/8 channels.
-Train, inference, evaluate, DDP and one bad input run as `python -m monai.bundle run` subprocesses
-(tests.helpers.run_bundle); the remaining bad inputs run the same configs through `monai.bundle.run`
-in-process, which is the function the CLI calls (a subprocess costs ~10 s of imports on 2 cores).
+Train, inference, evaluate (train.json overridden by evaluate.json), DDP and one bad input run as
+`python -m monai.bundle run` subprocesses (tests.helpers.run_bundle); the remaining bad inputs (and two of the
+evaluated methods) run the same configs through `monai.bundle.run` in-process, which is the function the CLI
+calls (a subprocess costs ~10 s of imports on 2 cores).
 """
 
 from __future__ import annotations
@@ -19,8 +20,7 @@ import torch
 from monai.networks.blocks import Warp
 
 from tests.f3rnet.bundle_import import BUNDLE_ROOT, load_f3rnet
-from tests.helpers import (assert_disjoint_shards_and_rank0_checkpoints, ddp_probes, rank1_files, run_bundle,
-                           save_nifti)
+from tests.helpers import assert_disjoint_shards_and_rank0_checkpoints, ddp_probes, rank1_files, run_bundle, save_nifti
 from tools import make_abdomen_phantoms
 
 SHAPE = (36, 40, 32)
@@ -38,8 +38,11 @@ def phantoms(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(phantoms, tmp_path_factory):
     out = tmp_path_factory.mktemp("f3rnet_train")
-    result = run_bundle("f3rnet_ct_mri", ["train.json"], {**TINY_TRAIN, "dataset_dir": str(phantoms),
-                        "ckpt_dir": str(out / "models"), "log_dir": str(out / "logs")})
+    result = run_bundle(
+        "f3rnet_ct_mri",
+        ["train.json"],
+        {**TINY_TRAIN, "dataset_dir": str(phantoms), "ckpt_dir": str(out / "models"), "log_dir": str(out / "logs")},
+    )
     return out, result
 
 
@@ -63,8 +66,16 @@ def test_train_saves_plain_cpu_state_dicts_and_logs(trained):
 
 def test_inference_writes_ddf_warped_image_and_label_on_the_input_grid(trained, phantoms, tmp_path):
     out, _ = trained
-    run_bundle("f3rnet_ct_mri", ["inference.json"], {**TINY_NET, "dataset_dir": str(phantoms),
-               "ckpt_path": str(out / "models" / "model.pt"), "output_dir": str(tmp_path)})
+    run_bundle(
+        "f3rnet_ct_mri",
+        ["inference.json"],
+        {
+            **TINY_NET,
+            "dataset_dir": str(phantoms),
+            "ckpt_path": str(out / "models" / "model.pt"),
+            "output_dir": str(tmp_path),
+        },
+    )
     case = tmp_path / "case003_ct"  # the test pair, ct2mri: moving CT
     moving = nib.load(str(phantoms / "ct" / "case003_ct.nii.gz"))
     outputs = {p: nib.load(str(case / f"case003_ct_{p}.nii.gz")) for p in ("ddf", "warped", "warped_label")}
@@ -85,43 +96,96 @@ def test_inference_writes_ddf_warped_image_and_label_on_the_input_grid(trained, 
     assert not list(tmp_path.rglob(".partial-*"))
 
 
-def test_evaluate_reports_trained_rows_and_not_trained(trained, phantoms, tmp_path):
+EVALUATE = ["train.json", "evaluate.json"]  # evaluate.json overrides train.json
+EVAL_METRICS = [
+    "dice",
+    "dice_liver",
+    "dice_spleen",
+    "dice_kidney",
+    "asd",
+    "asd_liver",
+    "asd_spleen",
+    "asd_kidney",
+    "hd95",
+    "folding_percent",
+    "sdlogj",
+    "seconds",
+]
+
+
+def _eval_metrics(folder) -> dict[str, float]:
+    return {row[0]: float(row[1]) for row in csv.reader((folder / "metrics.csv").read_text().splitlines())}
+
+
+def test_evaluate_reports_each_method_and_not_trained(trained, phantoms, tmp_path):
+    """One method per run (--method): the shipped variant on the command line, identity and a second variant
+    in-process; a method without its weights file fails with "weights file not found" (the card's "not trained")."""
     out, _ = trained
+    common = {**TINY_NET, "dataset_dir": str(phantoms), "ckpt_dir": str(out / "models")}
+    result = run_bundle(
+        "f3rnet_ct_mri", EVALUATE, {**common, "method": "none", "output_dir": str(tmp_path / "none"), "warmup": "False"}
+    )
+    none = _eval_metrics(tmp_path / "none")
+    assert list(none) == EVAL_METRICS
+    for name in EVAL_METRICS:
+        raw = list(csv.DictReader((tmp_path / "none" / f"{name}_raw.csv").read_text().splitlines()))
+        assert [r["filename"] for r in raw] == ["case003"], name  # per pair, named by the datalist item
+        assert (tmp_path / "none" / f"{name}_summary.csv").is_file()
+    organs = list(csv.DictReader((tmp_path / "none" / "dice_raw.csv").read_text().splitlines()))[0]
+    assert [k for k in organs if k.startswith("class")] == ["class0", "class1", "class2", "class3"]  # 4 organs
+    assert 0 <= none["dice"] <= 1 and 0 <= none["asd"] < 20 and none["hd95"] >= 0 and none["seconds"] > 0
+    assert (tmp_path / "none" / "registration_none_ct2mri.png").stat().st_size > 10_000
+    assert "[1/1]" in result.stderr and "100%" in result.stderr  # progress bar
+
+    _run_in_process(EVALUATE, **common, method="identity", output_dir=str(tmp_path / "identity"))
+    identity = _eval_metrics(tmp_path / "identity")
+    assert list(identity) == EVAL_METRICS
+    assert identity["folding_percent"] == 0 and identity["sdlogj"] == 0
+    assert identity["dice_liver"] < 0.95  # the phantom deforms the liver most
+    assert (tmp_path / "identity" / "registration_identity_ct2mri.png").is_file()
+
+    # the network variant follows the method: variant-"all" weights load into F3RNet-w/ F3D
     all_weights = tmp_path / "model_all.pt"
     torch.save(tiny_network("all").state_dict(), all_weights)
-    weights = {"none": str(out / "models" / "model.pt"), "all": str(all_weights),
-               "all_more_mrb": str(tmp_path / "model_all_more_mrb.pt")}  # missing: "not trained"
-    result = run_bundle("f3rnet_ct_mri", ["evaluate.json"], {**TINY_NET, "dataset_dir": str(phantoms),
-                        "weights": weights, "output_dir": str(tmp_path / "eval"), "warmup": "False"})
-    rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv")))
-    assert [r["method"] for r in rows] == ["identity", "none", "all"]
-    for r in rows:
-        for organ in ("liver", "spleen", "right_kidney", "left_kidney"):
-            assert 0 <= float(r[f"dice_{organ}"]) <= 1
-            assert 0 <= float(r[f"asd_{organ}_mm"]) < 20
-    identity = rows[0]
-    assert float(identity["folding_percent"]) == 0
-    assert float(identity["dice_liver"]) < 0.95  # the phantom deforms the liver most
-    assert all(float(r["seconds"]) > 0 for r in rows[1:])
-    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert summary["direction"] == "ct2mri" and summary["pairs"] == ["case003"]
-    assert summary["methods"]["all_more_mrb"] == {"trained": False, "weights": weights["all_more_mrb"]}
-    assert summary["methods"]["all"]["parameters"] < summary["methods"]["none"]["parameters"]
-    table = (tmp_path / "eval" / "results.md").read_text()
-    assert "| F3RNet-MRB | not trained |" in table and "| Moving (no registration) |" in table
-    assert "ASD Liver (mm)" in table and "Dice Kidney (%)" in table and "folding (%)" in table
-    assert (tmp_path / "eval" / "registration_comparison.png").stat().st_size > 10_000
-    assert "evaluating pairs" in result.stderr  # progress bar
+    _run_in_process(
+        EVALUATE, **common, method="all", output_dir=str(tmp_path / "all"), **{"method_weights#all": str(all_weights)}
+    )
+    assert list(_eval_metrics(tmp_path / "all")) == EVAL_METRICS
+
+    _expect_failure(
+        EVALUATE,
+        [f"{out / 'models' / 'model_all.pt'}: weights file not found"],
+        tmp_path / "missing",
+        **common,
+        method="all",
+    )
+    _expect_failure(
+        EVALUATE,
+        ["method must be one of identity, none, all", "got 'ncc'"],
+        tmp_path / "unknown",
+        **common,
+        method="ncc",
+    )
 
 
 def test_multi_gpu_train_two_gloo_processes_resumes_and_exports(trained, phantoms, tmp_path):
     """DDP on CPU (gloo); also the one-override resume (from the single-process run's final checkpoint, at
     iteration 2 of 4) and `model_export_path`."""
     out, _ = trained
-    result = run_bundle("f3rnet_ct_mri", ["train.json", "multi_gpu_train.json"], {
-        **TINY_TRAIN, "max_iterations": 4, "dataset_dir": str(phantoms), "ckpt_dir": str(tmp_path / "models"),
-        "log_dir": str(tmp_path / "logs"), "resume_from": str(out / "models" / "checkpoint_final.pt"),
-        "model_export_path": str(tmp_path / "exported" / "model_dist.pt")}, torchrun_nproc=2)
+    result = run_bundle(
+        "f3rnet_ct_mri",
+        ["train.json", "multi_gpu_train.json"],
+        {
+            **TINY_TRAIN,
+            "max_iterations": 4,
+            "dataset_dir": str(phantoms),
+            "ckpt_dir": str(tmp_path / "models"),
+            "log_dir": str(tmp_path / "logs"),
+            "resume_from": str(out / "models" / "checkpoint_final.pt"),
+            "model_export_path": str(tmp_path / "exported" / "model_dist.pt"),
+        },
+        torchrun_nproc=2,
+    )
     log = result.stdout + result.stderr
     assert f"Restored all variables from {out / 'models' / 'checkpoint_final.pt'}" in log
     assert "SupervisedTrainer - INFO - Epoch[3] Complete" in log and "Train completed" in log
@@ -132,8 +196,12 @@ def test_multi_gpu_train_two_gloo_processes_resumes_and_exports(trained, phantom
 
 
 def test_multi_gpu_ranks_see_disjoint_shards_and_only_rank0_writes(phantoms, tmp_path):
-    run_bundle("f3rnet_ct_mri", ["train.json", "multi_gpu_train.json"], {
-        **TINY_TRAIN, "dataset_dir": str(phantoms), **ddp_probes(tmp_path)}, torchrun_nproc=2)
+    run_bundle(
+        "f3rnet_ct_mri",
+        ["train.json", "multi_gpu_train.json"],
+        {**TINY_TRAIN, "dataset_dir": str(phantoms), **ddp_probes(tmp_path)},
+        torchrun_nproc=2,
+    )
     training = json.loads((phantoms / "datalist_ct2mri.json").read_text())["training"]
     assert_disjoint_shards_and_rank0_checkpoints(tmp_path, {item["name"] for item in training})
     assert rank1_files(tmp_path) == []
@@ -141,11 +209,21 @@ def test_multi_gpu_ranks_see_disjoint_shards_and_only_rank0_writes(phantoms, tmp
 
 def test_bad_weights_give_one_clear_error_on_the_command_line(trained, phantoms, tmp_path):
     out, _ = trained
-    result = run_bundle("f3rnet_ct_mri", ["inference.json"], {**TINY_NET, "dataset_dir": str(phantoms),
-                        "variant": "all", "ckpt_path": str(out / "models" / "model.pt"),
-                        "output_dir": str(tmp_path / "out")}, check=False)
+    result = run_bundle(
+        "f3rnet_ct_mri",
+        ["inference.json"],
+        {
+            **TINY_NET,
+            "dataset_dir": str(phantoms),
+            "variant": "all",
+            "ckpt_path": str(out / "models" / "model.pt"),
+            "output_dir": str(tmp_path / "out"),
+        },
+        check=False,
+    )
     assert result.returncode != 0
-    assert "weights do not match the configured network (F3RNet variant 'all'" in result.stderr
+    assert "weights do not match the configured network F3RNet" in result.stderr
+    assert "F3RNet variant 'all'" in result.stderr
     assert str(out / "models" / "model.pt") in result.stderr
     assert not (tmp_path / "out").exists()
 
@@ -154,12 +232,18 @@ def test_bad_weights_give_one_clear_error_on_the_command_line(trained, phantoms,
 # bad inputs, in-process through monai.bundle.run (the function behind `python -m monai.bundle run`)
 
 
-def _run_in_process(config: str, **overrides):
+def _run_in_process(config: str | list[str], **overrides):
+    """`config`: one config file name, or a list merged in order (e.g. train.json then evaluate.json)."""
     from monai.bundle import run
 
     load_f3rnet("checks")  # this bundle's `scripts` package first on sys.path, other bundles' purged
-    return run(config_file=str(BUNDLE_ROOT / "configs" / config), bundle_root=str(BUNDLE_ROOT),
-               logging_file=False, **overrides)
+    files = [str(BUNDLE_ROOT / "configs" / c) for c in ([config] if isinstance(config, str) else config)]
+    return run(
+        config_file=files[0] if len(files) == 1 else files,
+        bundle_root=str(BUNDLE_ROOT),
+        logging_file=False,
+        **overrides,
+    )
 
 
 def _messages(exc: BaseException) -> str:
@@ -170,7 +254,7 @@ def _messages(exc: BaseException) -> str:
     return "\n".join(parts)
 
 
-def _expect_failure(config: str, expected: list[str], output_dir, **overrides) -> None:
+def _expect_failure(config: str | list[str], expected: list[str], output_dir, **overrides) -> None:
     with pytest.raises(Exception) as err:
         _run_in_process(config, output_dir=str(output_dir), **overrides)
     text = _messages(err.value)
@@ -210,50 +294,121 @@ def _bad_moving(tmp_path, phantoms, problem: str):
 def test_inference_rejects_bad_pairs_before_writing(trained, phantoms, tmp_path, problem):
     out, _ = trained
     fixed, moving, expected = _bad_moving(tmp_path, phantoms, problem)
-    _expect_failure("inference.json", [expected, str(moving)], tmp_path / "out", **TINY_NET,
-                    moving_image=str(moving), fixed_image=str(fixed), ckpt_path=str(out / "models" / "model.pt"))
+    _expect_failure(
+        "inference.json",
+        [expected, str(moving)],
+        tmp_path / "out",
+        **TINY_NET,
+        moving_image=str(moving),
+        fixed_image=str(fixed),
+        ckpt_path=str(out / "models" / "model.pt"),
+    )
 
 
 def test_inference_rejects_missing_and_foreign_weights(phantoms, tmp_path):
     missing = tmp_path / "nothing.pt"
-    _expect_failure("inference.json", [f"{missing}: weights file not found"], tmp_path / "out", **TINY_NET,
-                    dataset_dir=str(phantoms), ckpt_path=str(missing))
+    _expect_failure(
+        "inference.json",
+        [f"{missing}: weights file not found"],
+        tmp_path / "out",
+        **TINY_NET,
+        dataset_dir=str(phantoms),
+        ckpt_path=str(missing),
+    )
     foreign = tmp_path / "foreign.pt"
     torch.save({"conv.weight": torch.zeros(3, 3)}, foreign)
-    _expect_failure("inference.json", [f"{foreign}: weights do not match", "1 unexpected"], tmp_path / "out",
-                    **TINY_NET, dataset_dir=str(phantoms), ckpt_path=str(foreign))
+    _expect_failure(
+        "inference.json",
+        [f"{foreign}: weights do not match", "1 unexpected"],
+        tmp_path / "out",
+        **TINY_NET,
+        dataset_dir=str(phantoms),
+        ckpt_path=str(foreign),
+    )
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
-    _expect_failure("inference.json", [f"{garbage}: not a loadable PyTorch state dict"], tmp_path / "out",
-                    **TINY_NET, dataset_dir=str(phantoms), ckpt_path=str(garbage))
+    _expect_failure(
+        "inference.json",
+        [f"{garbage}: not a loadable PyTorch state dict"],
+        tmp_path / "out",
+        **TINY_NET,
+        dataset_dir=str(phantoms),
+        ckpt_path=str(garbage),
+    )
 
 
 def test_direction_must_match_the_datalist_and_be_valid(trained, phantoms, tmp_path):
     out, _ = trained
     datalist = phantoms / "datalist_ct2mri.json"
-    _expect_failure("inference.json", [f"datalist {datalist} is for direction 'ct2mri' but the bundle runs 'mri2ct'"],
-                    tmp_path / "out", **TINY_NET, dataset_dir=str(phantoms), datalist=str(datalist),
-                    direction="mri2ct", ckpt_path=str(out / "models" / "model.pt"))
-    _expect_failure("train.json", ["direction must be one of ct2mri, mri2ct, got 'ct2mr'"], tmp_path / "out",
-                    **TINY_TRAIN, dataset_dir=str(phantoms), datalist=str(datalist), direction="ct2mr",
-                    ckpt_dir=str(tmp_path / "out"), log_dir=str(tmp_path / "out" / "logs"))
+    _expect_failure(
+        "inference.json",
+        [f"datalist {datalist} is for direction 'ct2mri' but the bundle runs 'mri2ct'"],
+        tmp_path / "out",
+        **TINY_NET,
+        dataset_dir=str(phantoms),
+        datalist=str(datalist),
+        direction="mri2ct",
+        ckpt_path=str(out / "models" / "model.pt"),
+    )
+    _expect_failure(
+        "train.json",
+        ["direction must be one of ct2mri, mri2ct, got 'ct2mr'"],
+        tmp_path / "out",
+        **TINY_TRAIN,
+        dataset_dir=str(phantoms),
+        datalist=str(datalist),
+        direction="ct2mr",
+        ckpt_dir=str(tmp_path / "out"),
+        log_dir=str(tmp_path / "out" / "logs"),
+    )
 
 
 def test_train_rejects_a_missing_datalist_and_unlabelled_validation(phantoms, tmp_path):
-    _expect_failure("train.json", ["datalist not found", "make_abdomen_phantoms"], tmp_path / "out", **TINY_TRAIN,
-                    dataset_dir=str(tmp_path / "nowhere"), ckpt_dir=str(tmp_path / "out"),
-                    log_dir=str(tmp_path / "out" / "logs"))
+    _expect_failure(
+        "train.json",
+        ["datalist not found", "make_abdomen_phantoms"],
+        tmp_path / "out",
+        **TINY_TRAIN,
+        dataset_dir=str(tmp_path / "nowhere"),
+        ckpt_dir=str(tmp_path / "out"),
+        log_dir=str(tmp_path / "out" / "logs"),
+    )
     datalist = json.loads((phantoms / "datalist_ct2mri.json").read_text())
     for item in datalist["validation"]:
         del item["fixed_label"]
     (tmp_path / "dl.json").write_text(json.dumps(datalist))
-    _expect_failure("train.json", ["has no 'fixed_label' (needed for Dice)"], tmp_path / "out", **TINY_TRAIN,
-                    dataset_dir=str(phantoms), datalist=str(tmp_path / "dl.json"), ckpt_dir=str(tmp_path / "out"),
-                    log_dir=str(tmp_path / "out" / "logs"))
+    _expect_failure(
+        "train.json",
+        ["has no 'fixed_label' (needed for Dice)"],
+        tmp_path / "out",
+        **TINY_TRAIN,
+        dataset_dir=str(phantoms),
+        datalist=str(tmp_path / "dl.json"),
+        ckpt_dir=str(tmp_path / "out"),
+        log_dir=str(tmp_path / "out" / "logs"),
+    )
 
 
-def test_evaluate_rejects_weights_of_another_variant(trained, phantoms, tmp_path):
+def test_evaluate_rejects_weights_of_another_variant_and_broken_weights_before_writing(trained, phantoms, tmp_path):
     out, _ = trained
-    wrong = {"all": str(out / "models" / "model.pt")}  # weights of variant none
-    _expect_failure("evaluate.json", [f"{out / 'models' / 'model.pt'}: weights do not match F3RNet variant 'all'"],
-                    tmp_path / "eval", **TINY_NET, dataset_dir=str(phantoms), weights=wrong)
+    model = out / "models" / "model.pt"  # weights of variant none
+    _expect_failure(
+        EVALUATE,
+        [f"{model}: weights do not match the configured network F3RNet", "F3RNet variant 'all'"],
+        tmp_path / "eval",
+        **TINY_NET,
+        dataset_dir=str(phantoms),
+        method="all",
+        **{"method_weights#all": str(model)},
+    )
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"junk")
+    _expect_failure(
+        EVALUATE,
+        [f"{broken}: not a loadable PyTorch state dict"],
+        tmp_path / "eval",
+        **TINY_NET,
+        dataset_dir=str(phantoms),
+        method="none",
+        **{"method_weights#none": str(broken)},
+    )

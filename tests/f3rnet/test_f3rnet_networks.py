@@ -53,8 +53,8 @@ def test_count_parameters_counts_trainable_parameters():
     lin = nn.Linear(3, 4)
     assert networks.count_parameters(lin) == 16
     lin.bias.requires_grad_(False)
-    assert networks.count_parameters(lin) == 12
-    assert networks.count_parameters(lin, trainable_only=False) == 16
+    assert networks.count_parameters(lin, trainable_only=True) == 12
+    assert networks.count_parameters(lin) == 16
 
 
 def _kernels(module: nn.Module) -> set[tuple[int, ...]]:
@@ -66,7 +66,7 @@ def test_f3d_placement():
     none = F3RNet("none")
     assert _kernels(none) == {full, (1, 1, 1)}
     every = F3RNet("all")
-    # only the final DVF conv stays 3x3x3; the MRB 1x1x1 convs are never factorised
+    # only the final DDF conv stays 3x3x3; the MRB 1x1x1 convs are never factorised
     assert [m for m in every.modules() if isinstance(m, nn.Conv3d) and m.kernel_size == full] == [every.flow]
     assert fact <= _kernels(every)
     enc = F3RNet("encoder")

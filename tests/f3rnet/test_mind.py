@@ -123,7 +123,7 @@ def test_loss_rejects_mismatched_shapes():
 
 
 def ramp_ddf() -> torch.Tensor:
-    """1x3x3x3x3 DVF: channel 0 = 2 * i (first axis), channel 1 = 0, channel 2 = k (last axis)."""
+    """1x3x3x3x3 DDF: channel 0 = 2 * i (first axis), channel 1 = 0, channel 2 = k (last axis)."""
     i, _, k = torch.meshgrid(*[torch.arange(3.0)] * 3, indexing="ij")
     return torch.stack([2 * i, torch.zeros_like(i), k])[None]
 

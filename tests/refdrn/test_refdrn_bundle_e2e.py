@@ -1,7 +1,6 @@
 """Every refdrn config end to end through MONAI's bundle runner on tiny synthetic pairs, on CPU,
 with the real frozen REM of the rem_sr bundle."""
 
-import csv
 import hashlib
 import json
 import shutil
@@ -11,12 +10,25 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import (BUNDLES, assert_disjoint_shards_and_rank0_checkpoints, ddp_probes, make_pair_dataset,
-                           rank1_files, run_bundle, save_nifti)
+from tests.helpers import (
+    BUNDLES,
+    assert_disjoint_shards_and_rank0_checkpoints,
+    ddp_probes,
+    make_pair_dataset,
+    rank1_files,
+    run_bundle,
+    save_nifti,
+)
 
 TINY_NET = {"fdrn_channels": [4, 8, 8], "fdrn_num_res": 1}
-TINY_TRAIN = {**TINY_NET, "max_iterations": 4, "val_interval": 2, "train_roi_size": [24, 24, 24],
-              "sr_roi_size": [48, 48, 48], "lncc_kernel_size": 5}
+TINY_TRAIN = {
+    **TINY_NET,
+    "max_iterations": 4,
+    "val_interval": 2,
+    "train_roi_size": [24, 24, 24],
+    "sr_roi_size": [48, 48, 48],
+    "lncc_kernel_size": 5,
+}
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +54,17 @@ def trained(pairs, tmp_path_factory):
     out = tmp_path_factory.mktemp("refdrn_train")
     rem_weights = BUNDLES / "rem_sr" / "models" / "model.pt"
     before = hashlib.sha256(rem_weights.read_bytes()).hexdigest()
-    result = run_bundle("refdrn", ["train.json"], {**TINY_TRAIN, "dataset_dir": str(pairs),
-                        "datalist": str(pairs / "datalist.json"), "ckpt_dir": str(out / "models"),
-                        "log_dir": str(out / "logs")})
+    result = run_bundle(
+        "refdrn",
+        ["train.json"],
+        {
+            **TINY_TRAIN,
+            "dataset_dir": str(pairs),
+            "datalist": str(pairs / "datalist.json"),
+            "ckpt_dir": str(out / "models"),
+            "log_dir": str(out / "logs"),
+        },
+    )
     result.rem_sha256 = (before, hashlib.sha256(rem_weights.read_bytes()).hexdigest())
     return out, result
 
@@ -68,8 +88,16 @@ def test_rem_sr_weights_file_is_untouched_by_cascade_training(trained):
 
 def test_inference_writes_all_outputs_on_the_hr_grid(trained, pairs, tmp_path):
     out, _ = trained
-    run_bundle("refdrn", ["inference.json"], {**TINY_NET, "dataset_dir": str(pairs),
-               "ckpt_path": str(out / "models" / "model.pt"), "output_dir": str(tmp_path)})
+    run_bundle(
+        "refdrn",
+        ["inference.json"],
+        {
+            **TINY_NET,
+            "dataset_dir": str(pairs),
+            "ckpt_path": str(out / "models" / "model.pt"),
+            "output_dir": str(tmp_path),
+        },
+    )
     case = tmp_path / "lr4_sub3"
     hr = nib.load(str(pairs / "sub3_T1w.nii.gz"))
     for postfix in ("sr_fixed", "sr_moving", "warped", "ddf", "warped_label"):
@@ -82,32 +110,18 @@ def test_inference_writes_all_outputs_on_the_hr_grid(trained, pairs, tmp_path):
     assert not list(tmp_path.rglob(".partial-*"))
 
 
-def test_evaluate_writes_table_iii_rows(trained, pairs, tmp_path):
-    out, _ = trained
-    ckpt = tmp_path / "models"
-    ckpt.mkdir()
-    shutil.copy(out / "models" / "model.pt", ckpt / "model.pt")
-    # the plain backbone's weights have the same keys (REM is not part of the state dict)
-    shutil.copy(out / "models" / "model.pt", ckpt / "backbone_x4.pt")
-    result = run_bundle("refdrn", ["evaluate.json"], {**TINY_NET, "dataset_dir": str(pairs),
-                        "ckpt_dir": str(ckpt), "output_dir": str(tmp_path / "eval")})
-    rows = list(csv.DictReader(open(tmp_path / "eval" / "metrics.csv")))
-    assert {r["method"] for r in rows} == {"identity", "backbone_lr", "cascade"}
-    assert len(rows) == 2 * 3
-    identity = [r for r in rows if r["method"] == "identity"]
-    assert all(float(r["folding_percent"]) == 0 for r in identity)
-    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
-    assert summary["methods"]["cascade_no_aux"] == {"trained": False, "weights": str(ckpt / "model_no_aux.pt")}
-    assert "not trained" in (tmp_path / "eval" / "results.md").read_text()
-    assert (tmp_path / "eval" / "registration_comparison.png").stat().st_size > 10_000
-    assert "Dice" in result.stdout
+# the evaluation (evaluate.json) is tested in test_refdrn_evaluate_e2e.py
 
 
 @pytest.fixture(scope="module")
 def ddp_run(pairs, tmp_path_factory):
     out = tmp_path_factory.mktemp("refdrn_ddp")
-    run_bundle("refdrn", ["train.json", "multi_gpu_train.json"], {**TINY_TRAIN, "dataset_dir": str(pairs),
-               "datalist": str(pairs / "datalist.json"), **ddp_probes(out)}, torchrun_nproc=2)
+    run_bundle(
+        "refdrn",
+        ["train.json", "multi_gpu_train.json"],
+        {**TINY_TRAIN, "dataset_dir": str(pairs), "datalist": str(pairs / "datalist.json"), **ddp_probes(out)},
+        torchrun_nproc=2,
+    )
     return out
 
 
@@ -146,9 +160,19 @@ def _bad_pair(tmp_path, pairs, problem):
 def test_inference_rejects_bad_pairs_without_writing(trained, pairs, tmp_path, problem):
     out, _ = trained
     expected, moving = _bad_pair(tmp_path, pairs, problem)
-    result = run_bundle("refdrn", ["inference.json"], {**TINY_NET, "datalist": str(tmp_path / "dl.json"),
-                        "dataset_dir": str(tmp_path), "scale": 1, "ckpt_path": str(out / "models" / "model.pt"),
-                        "output_dir": str(tmp_path / "out")}, check=False)
+    result = run_bundle(
+        "refdrn",
+        ["inference.json"],
+        {
+            **TINY_NET,
+            "datalist": str(tmp_path / "dl.json"),
+            "dataset_dir": str(tmp_path),
+            "scale": 1,
+            "ckpt_path": str(out / "models" / "model.pt"),
+            "output_dir": str(tmp_path / "out"),
+        },
+        check=False,
+    )
     assert result.returncode != 0
     assert expected in result.stderr and str(moving) in result.stderr
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
@@ -159,17 +183,35 @@ def test_missing_rem_weights_give_one_clear_error(trained, pairs, tmp_path):
     fake_rem = tmp_path / "rem_sr"
     shutil.copytree(BUNDLES / "rem_sr" / "configs", fake_rem / "configs")
     shutil.copytree(BUNDLES / "rem_sr" / "scripts", fake_rem / "scripts")
-    result = run_bundle("refdrn", ["inference.json"], {**TINY_NET, "dataset_dir": str(pairs),
-                        "rem_bundle": str(fake_rem), "ckpt_path": str(out / "models" / "model.pt"),
-                        "output_dir": str(tmp_path / "out")}, check=False)
+    result = run_bundle(
+        "refdrn",
+        ["inference.json"],
+        {
+            **TINY_NET,
+            "dataset_dir": str(pairs),
+            "rem_bundle": str(fake_rem),
+            "ckpt_path": str(out / "models" / "model.pt"),
+            "output_dir": str(tmp_path / "out"),
+        },
+        check=False,
+    )
     assert result.returncode != 0
     assert "rem_sr weights not found" in result.stderr and str(fake_rem / "models" / "model.pt") in result.stderr
     # weights of another REM architecture
     (fake_rem / "models").mkdir()
     torch.save({"head.weight": torch.zeros(1)}, fake_rem / "models" / "model.pt")
-    result = run_bundle("refdrn", ["inference.json"], {**TINY_NET, "dataset_dir": str(pairs),
-                        "rem_bundle": str(fake_rem), "ckpt_path": str(out / "models" / "model.pt"),
-                        "output_dir": str(tmp_path / "out")}, check=False)
+    result = run_bundle(
+        "refdrn",
+        ["inference.json"],
+        {
+            **TINY_NET,
+            "dataset_dir": str(pairs),
+            "rem_bundle": str(fake_rem),
+            "ckpt_path": str(out / "models" / "model.pt"),
+            "output_dir": str(tmp_path / "out"),
+        },
+        check=False,
+    )
     assert result.returncode != 0 and "incompatible with the architecture" in result.stderr
 
 

@@ -41,7 +41,7 @@ def test_frozen_rem_training_moves_backbone_only():
     rem = _tiny_rem()
     backbone = networks.FDRN(channels=(4, 8, 8), num_res=1, return_aux=True)
     cascade = networks.RegistrationCascade(backbone, rem)
-    loss_fn = losses.ReFDRNLoss(rem=rem, kernel_size=3, aux_dvf_weight=1.0)
+    loss_fn = losses.ReFDRNLoss(rem=rem, kernel_size=3, aux_ddf_weight=1.0)
     rem_before, backbone_before = _snapshot(rem), _snapshot(backbone)
     assert all(not p.requires_grad for p in rem.parameters())
 

@@ -52,7 +52,7 @@ def test_shift_smoothness_matches_loops_and_mean():
     expected = 0.0
     for u, v, t in losses.SHIFTS:
         diff = z[:, :, u:, v:, t:] - z[:, :, : 3 - u, : 2 - v, : 4 - t]
-        expected += float((diff ** 2).sum()) / diff.numel()
+        expected += float((diff**2).sum()) / diff.numel()
     assert losses.ShiftSmoothnessLoss("mean")(z).item() == pytest.approx(expected, rel=1e-5)
     assert losses.ShiftSmoothnessLoss()(torch.full((1, 3, 4, 4, 4), 2.5)).item() == 0.0
 
@@ -61,7 +61,7 @@ def _plain_lncc_loss(pred: torch.Tensor, target: torch.Tensor, k: int, eps: floa
     """-mean(squared local NCC) with a k^3 box window and zero padding, in plain torch."""
     box = torch.ones(1, 1, k, k, k)
     s = lambda x: F.conv3d(x, box, padding=k // 2)  # noqa: E731
-    n = float(k ** 3)
+    n = float(k**3)
     t_sum, p_sum = s(target), s(pred)
     cross = s(target * pred) - p_sum / n * t_sum
     t_var = torch.clamp(s(target * target) - t_sum / n * t_sum, min=eps)
@@ -71,7 +71,7 @@ def _plain_lncc_loss(pred: torch.Tensor, target: torch.Tensor, k: int, eps: floa
 
 def _plain_huber(a: torch.Tensor, b: torch.Tensor, delta: float) -> torch.Tensor:
     d = (a - b).abs()
-    return torch.where(d < delta, 0.5 * d ** 2, delta * (d - 0.5 * delta)).mean()
+    return torch.where(d < delta, 0.5 * d**2, delta * (d - 0.5 * delta)).mean()
 
 
 def _images(shape=(1, 1, 6, 7, 8)):
@@ -173,23 +173,25 @@ def test_aux_warps_lr_image_then_applies_rem():
         out = losses.ReFDRNLoss(rem=rem, kernel_size=3, huber_delta=0.1)(ddf, moving, fixed)
         expected = huber(rem(warp(moving, ddf)), rem(fixed))
         swapped = huber(warp(rem(moving), ddf), rem(fixed))
-        main = losses.LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=3)(warp(rem(moving), ddf), rem(fixed))
+        main = losses.LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=3)(
+            warp(rem(moving), ddf), rem(fixed)
+        )
     assert out["aux"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert abs(expected.item() - swapped.item()) > 1e-4 * abs(expected.item())
     assert out["main"].item() == pytest.approx(main.item(), rel=1e-5)  # main: warp(REM(M)) vs REM(F)
 
 
-def test_aux_dvf_term_decays():
+def test_aux_ddf_term_decays():
     moving, fixed = _images((1, 1, 8, 8, 8))
     ddf = torch.zeros(1, 3, 8, 8, 8)
     aux_ddf = 0.2 * torch.randn(1, 3, 2, 2, 2, generator=torch.Generator().manual_seed(3))
-    loss_fn = losses.ReFDRNLoss(kernel_size=3, aux_dvf_weight=2.0, aux_dvf_decay=0.5)
+    loss_fn = losses.ReFDRNLoss(kernel_size=3, aux_ddf_weight=2.0, aux_ddf_decay=0.5)
     base = losses.ReFDRNLoss(kernel_size=3)(ddf, moving, fixed, aux_ddf=aux_ddf)
-    assert base["aux_dvf"].item() == 0.0  # off by default
+    assert base["aux_ddf_loss"].item() == 0.0  # off by default
     out0 = loss_fn(ddf, moving, fixed, aux_ddf=aux_ddf, iteration=0)
     out3 = loss_fn(ddf, moving, fixed, aux_ddf=aux_ddf, iteration=3)
-    assert out0["aux_dvf_weight"].item() == pytest.approx(2.0)
-    assert out3["aux_dvf_weight"].item() == pytest.approx(2.0 * 0.5 ** 3)
-    assert out0["aux_dvf"].item() < 0  # a (negative) LNCC on the coarse grid
-    assert out0["loss"].item() == pytest.approx((base["loss"] + 2.0 * out0["aux_dvf"]).item(), rel=1e-5)
-    assert out3["loss"].item() == pytest.approx((base["loss"] + 0.25 * out3["aux_dvf"]).item(), rel=1e-5)
+    assert out0["aux_ddf_weight"].item() == pytest.approx(2.0)
+    assert out3["aux_ddf_weight"].item() == pytest.approx(2.0 * 0.5**3)
+    assert out0["aux_ddf_loss"].item() < 0  # a (negative) LNCC on the coarse grid
+    assert out0["loss"].item() == pytest.approx((base["loss"] + 2.0 * out0["aux_ddf_loss"]).item(), rel=1e-5)
+    assert out3["loss"].item() == pytest.approx((base["loss"] + 0.25 * out3["aux_ddf_loss"]).item(), rel=1e-5)

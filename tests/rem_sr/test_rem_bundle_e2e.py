@@ -10,20 +10,42 @@ import numpy as np
 import pytest
 import torch
 
-from tests.helpers import (assert_disjoint_shards_and_rank0_checkpoints, ddp_probes, load_bundle_scripts,
-                           rank1_files, run_bundle, save_nifti)
+from tests.helpers import (
+    assert_disjoint_shards_and_rank0_checkpoints,
+    ddp_probes,
+    load_bundle_scripts,
+    rank1_files,
+    run_bundle,
+    save_nifti,
+)
 
-TINY_TRAIN = {"patch_size": [16, 16, 16], "batch_size": 2, "max_iterations": 4, "val_interval": 2,
-              "val_roi_size": [24, 24, 24], "num_workers": 0, "rem_k": 4, "rem_n": 2}
+TINY_TRAIN = {
+    "patch_size": [16, 16, 16],
+    "batch_size": 2,
+    "max_iterations": 4,
+    "val_interval": 2,
+    "val_roi_size": [24, 24, 24],
+    "num_workers": 0,
+    "rem_k": 4,
+    "rem_n": 2,
+}
 TINY_NET = {"rem_k": 4, "rem_n": 2}
 
 
 @pytest.fixture(scope="module")
 def trained(brain_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("rem_train")
-    result = run_bundle("rem_sr", ["train.json"], {**TINY_TRAIN, "dataset_dir": str(brain_data),
-                        "datalist": str(brain_data / "datalist.json"), "ckpt_dir": str(out / "models"),
-                        "log_dir": str(out / "logs")})
+    result = run_bundle(
+        "rem_sr",
+        ["train.json"],
+        {
+            **TINY_TRAIN,
+            "dataset_dir": str(brain_data),
+            "datalist": str(brain_data / "datalist.json"),
+            "ckpt_dir": str(out / "models"),
+            "log_dir": str(out / "logs"),
+        },
+    )
     return out, result
 
 
@@ -40,9 +62,19 @@ def test_train_writes_cpu_state_dict_and_logs(trained):
 
 def test_train_resumes_from_checkpoint(trained, brain_data):
     out, _ = trained
-    result = run_bundle("rem_sr", ["train.json"], {**TINY_TRAIN, "max_iterations": 6, "dataset_dir": str(brain_data),
-                        "datalist": str(brain_data / "datalist.json"), "ckpt_dir": str(out / "models"),
-                        "log_dir": str(out / "logs"), "resume_from": str(out / "models" / "checkpoint_final.pt")})
+    result = run_bundle(
+        "rem_sr",
+        ["train.json"],
+        {
+            **TINY_TRAIN,
+            "max_iterations": 6,
+            "dataset_dir": str(brain_data),
+            "datalist": str(brain_data / "datalist.json"),
+            "ckpt_dir": str(out / "models"),
+            "log_dir": str(out / "logs"),
+            "resume_from": str(out / "models" / "checkpoint_final.pt"),
+        },
+    )
     log = result.stdout + result.stderr
     assert "Restored all variables" in log, log[-3000:]
     # iterations 1-4 came from the checkpoint: only epoch 3 (iterations 5-6) runs
@@ -51,9 +83,19 @@ def test_train_resumes_from_checkpoint(trained, brain_data):
 
 def test_inference_writes_lr_sr_hr_on_the_reference_grid(trained, brain_data, tmp_path):
     out, _ = trained
-    run_bundle("rem_sr", ["inference.json"], {**TINY_NET, "dataset_dir": str(brain_data),
-               "datalist": str(brain_data / "datalist_lr_x2.json"), "scale": 2,
-               "ckpt_path": str(out / "models" / "model.pt"), "output_dir": str(tmp_path), "roi_size": [24, 24, 24]})
+    run_bundle(
+        "rem_sr",
+        ["inference.json"],
+        {
+            **TINY_NET,
+            "dataset_dir": str(brain_data),
+            "datalist": str(brain_data / "datalist_lr_x2.json"),
+            "scale": 2,
+            "ckpt_path": str(out / "models" / "model.pt"),
+            "output_dir": str(tmp_path),
+            "roi_size": [24, 24, 24],
+        },
+    )
     case = tmp_path / "lr_syn3_T1w"
     sr = nib.load(str(case / "lr_syn3_T1w_sr.nii.gz"))
     hr = nib.load(str(brain_data / "syn3_T1w.nii.gz"))
@@ -72,9 +114,19 @@ def test_inference_on_users_own_file_with_target_spacing(trained, tmp_path):
 
     datalist = tmp_path / "mine.json"
     datalist.write_text(json.dumps({"test": [{"image": str(ANATOMICAL)}]}))
-    run_bundle("rem_sr", ["inference.json"], {**TINY_NET, "datalist": str(datalist), "dataset_dir": str(tmp_path),
-               "target_spacing": 1.0, "ckpt_path": str(out / "models" / "model.pt"),
-               "output_dir": str(tmp_path / "out"), "roi_size": [32, 32, 32]})
+    run_bundle(
+        "rem_sr",
+        ["inference.json"],
+        {
+            **TINY_NET,
+            "datalist": str(datalist),
+            "dataset_dir": str(tmp_path),
+            "target_spacing": 1.0,
+            "ckpt_path": str(out / "models" / "model.pt"),
+            "output_dir": str(tmp_path / "out"),
+            "roi_size": [32, 32, 32],
+        },
+    )
     sr = nib.load(str(tmp_path / "out" / "anatomical" / "anatomical_sr.nii.gz"))
     src = nib.load(str(ANATOMICAL))
     assert sr.shape == tuple(2 * s for s in src.shape)
@@ -83,31 +135,112 @@ def test_inference_on_users_own_file_with_target_spacing(trained, tmp_path):
     assert sr.get_fdata().max() > 10 * 1.0
 
 
-def test_evaluate_writes_tables_and_figure(trained, brain_data, tmp_path):
+EVAL_CONFIGS = ["train.json", "evaluate.json"]
+EVAL_METRICS = {"psnr_brain", "ssim_brain", "psnr", "ssim", "seconds"}
+
+
+def evaluate_overrides(brain_data, output_dir, **extra) -> dict:
+    return {
+        **TINY_NET,
+        "dataset_dir": str(brain_data),
+        "datalist": str(brain_data / "datalist.json"),
+        "output_dir": str(output_dir),
+        "val_roi_size": [24, 24, 24],
+        **extra,
+    }
+
+
+def per_case(output_dir, metric: str) -> dict[str, float]:
+    """MetricsSaver's `<metric>_raw.csv`: case name -> value."""
+    return {r["filename"]: float(r["class0"]) for r in csv.DictReader(open(output_dir / f"{metric}_raw.csv"))}
+
+
+def test_evaluate_rem_writes_metrics_per_case_summaries_and_figure(trained, brain_data, tmp_path):
     out, _ = trained
-    result = run_bundle("rem_sr", ["evaluate.json"], {**TINY_NET, "dataset_dir": str(brain_data),
-                        "datalist": str(brain_data / "datalist.json"), "ckpt_path": str(out / "models" / "model.pt"),
-                        "output_dir": str(tmp_path), "roi_size": [24, 24, 24]})
-    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
-    assert len(rows) == 2 * 2 * 4  # cases x scales x methods
-    assert {r["method"] for r in rows} == {"nearest", "trilinear", "bspline", "rem"}
-    syn = [r for r in rows if r["case"] == "syn3" and r["scale"] == "2"]
-    assert all(np.isfinite(float(r["psnr_brain"])) for r in syn)
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert set(summary["per_scale"]) == {"x2", "x4"}
-    assert "rem_minus_trilinear" in summary["per_scale"]["x4"]["gains_db"]
-    assert (tmp_path / "sr_comparison.png").stat().st_size > 10_000
-    assert "Trilinear" in result.stdout
-    assert "| x4 | REM |" in (tmp_path / "results.md").read_text()
+    result = run_bundle(
+        "rem_sr",
+        EVAL_CONFIGS,
+        evaluate_overrides(brain_data, tmp_path, method="rem", ckpt_path=str(out / "models" / "model.pt")),
+    )
+    aggregated = dict(line.split(",") for line in (tmp_path / "metrics.csv").read_text().split())
+    assert set(aggregated) == EVAL_METRICS  # every metric, aggregated over the cases
+    for metric in EVAL_METRICS:
+        values = per_case(tmp_path, metric)
+        assert set(values) == {"syn3", "anatomical"}  # one row per test case, named by the datalist
+        summary = list(csv.DictReader(open(tmp_path / f"{metric}_summary.csv")))
+        assert {"mean", "median", "std", "notnans"} <= set(summary[0])
+    # the synthetic case has a brain mask, nibabel's anatomical.nii has none: NaN, left out of the mean
+    brain = per_case(tmp_path, "psnr_brain")
+    assert np.isfinite(brain["syn3"]) and np.isnan(brain["anatomical"])
+    assert float(aggregated["psnr_brain"]) == pytest.approx(brain["syn3"], abs=1e-4)
+    assert all(v > 0 for v in per_case(tmp_path, "seconds").values())
+    assert (tmp_path / "sr_rem_x4.png").stat().st_size > 10_000
+    assert not list(tmp_path.glob(".partial-*"))
+    log = result.stdout + result.stderr
+    assert "psnr_brain" in log and "/2]" in log  # StatsHandler's metrics and the progress bar ("[1/2]" ...)
+
+
+def test_evaluate_baseline_scores_the_clipped_interpolation_by_hand(brain_data, tmp_path):
+    """A weight-free method (B-spline at x2) runs without weights and scores exactly what its definition says."""
+    run_bundle("rem_sr", EVAL_CONFIGS, evaluate_overrides(brain_data, tmp_path, method="bspline", eval_scale=2))
+    degradation = load_bundle_scripts("rem_sr", "degradation")
+    hr = torch.from_numpy(nib.load(str(brain_data / "syn3_T1w.nii.gz")).get_fdata(dtype=np.float32))[None]
+    mask = nib.load(str(brain_data / "syn3_mask.nii.gz")).get_fdata() > 0
+    pred = degradation.degrade(hr, 2, "bspline").clamp(0, 1)[0].double().numpy()
+    ref = hr[0].double().numpy()
+    psnr = 10 * np.log10(1 / np.mean((pred - ref) ** 2))
+    psnr_brain = 10 * np.log10(1 / np.mean((pred[mask] - ref[mask]) ** 2))
+    assert per_case(tmp_path, "psnr")["syn3"] == pytest.approx(psnr, abs=1e-3)
+    assert per_case(tmp_path, "psnr_brain")["syn3"] == pytest.approx(psnr_brain, abs=1e-3)
+    assert (tmp_path / "sr_bspline_x2.png").stat().st_size > 10_000
+
+
+def test_evaluate_reports_a_method_without_weights_as_not_trained(brain_data, tmp_path):
+    missing = tmp_path / "never_trained" / "model.pt"
+    result = run_bundle(
+        "rem_sr",
+        EVAL_CONFIGS,
+        evaluate_overrides(brain_data, tmp_path / "out", method="rem", ckpt_path=str(missing)),
+        check=False,
+    )
+    assert result.returncode != 0
+    assert f"{missing}: weights file not found" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_rejects_weights_of_another_architecture(trained, brain_data, tmp_path):
+    out, _ = trained
+    result = run_bundle(
+        "rem_sr",
+        EVAL_CONFIGS,
+        {
+            **evaluate_overrides(brain_data, tmp_path / "out"),
+            "rem_k": 16,
+            "rem_n": 8,
+            "ckpt_path": str(out / "models" / "model.pt"),
+        },
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "weights do not match the configured network REM" in result.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
 def ddp_run(brain_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("rem_ddp")
-    run_bundle("rem_sr", ["train.json", "multi_gpu_train.json"], {**TINY_TRAIN, "dataset_dir": str(brain_data),
-               "datalist": str(brain_data / "datalist.json"),
-               # training items reach the collate as image + label only: identify them by the image's file
-               **ddp_probes(out, item_id="d['image'].meta['filename_or_obj']")}, torchrun_nproc=2)
+    run_bundle(
+        "rem_sr",
+        ["train.json", "multi_gpu_train.json"],
+        {
+            **TINY_TRAIN,
+            "dataset_dir": str(brain_data),
+            "datalist": str(brain_data / "datalist.json"),
+            # training items reach the collate as image + label only: identify them by the image's file
+            **ddp_probes(out, item_id="d['image'].meta['filename_or_obj']"),
+        },
+        torchrun_nproc=2,
+    )
     return out
 
 
@@ -140,9 +273,18 @@ def test_inference_rejects_bad_input_without_writing(trained, tmp_path, problem)
     else:
         expected = "file not found"
     (tmp_path / "dl.json").write_text(json.dumps({"test": [{"image": str(path)}]}))
-    result = run_bundle("rem_sr", ["inference.json"], {**TINY_NET, "datalist": str(tmp_path / "dl.json"),
-                        "dataset_dir": str(tmp_path), "ckpt_path": str(out / "models" / "model.pt"),
-                        "output_dir": str(tmp_path / "out")}, check=False)
+    result = run_bundle(
+        "rem_sr",
+        ["inference.json"],
+        {
+            **TINY_NET,
+            "datalist": str(tmp_path / "dl.json"),
+            "dataset_dir": str(tmp_path),
+            "ckpt_path": str(out / "models" / "model.pt"),
+            "output_dir": str(tmp_path / "out"),
+        },
+        check=False,
+    )
     assert result.returncode != 0
     assert expected in result.stderr and str(path) in result.stderr
     assert not [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
@@ -150,9 +292,20 @@ def test_inference_rejects_bad_input_without_writing(trained, tmp_path, problem)
 
 def test_inference_rejects_weights_of_another_architecture(trained, brain_data, tmp_path):
     out, _ = trained
-    result = run_bundle("rem_sr", ["inference.json"], {"rem_k": 16, "rem_n": 8, "dataset_dir": str(brain_data),
-                        "datalist": str(brain_data / "datalist_lr_x2.json"), "scale": 2,
-                        "ckpt_path": str(out / "models" / "model.pt"), "output_dir": str(tmp_path)}, check=False)
+    result = run_bundle(
+        "rem_sr",
+        ["inference.json"],
+        {
+            "rem_k": 16,
+            "rem_n": 8,
+            "dataset_dir": str(brain_data),
+            "datalist": str(brain_data / "datalist_lr_x2.json"),
+            "scale": 2,
+            "ckpt_path": str(out / "models" / "model.pt"),
+            "output_dir": str(tmp_path),
+        },
+        check=False,
+    )
     assert result.returncode != 0
     assert "weights do not match" in result.stderr
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]

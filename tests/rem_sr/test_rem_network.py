@@ -33,7 +33,9 @@ def test_variants_differ_with_same_weights():
     assert not torch.allclose(outputs["I"], outputs["II"])
     assert not torch.allclose(outputs["II"], outputs["III"])
     # Variant I is exactly Variant II's image-domain counterpart: I - x equals the no-skip network
-    plain = base.tail(torch.relu(base.body[2](torch.relu(base.body[1](torch.relu(base.body[0](torch.relu(base.head(x)))))))))
+    plain = base.tail(
+        torch.relu(base.body[2](torch.relu(base.body[1](torch.relu(base.body[0](torch.relu(base.head(x))))))))
+    )
     assert torch.allclose(outputs["I"] - x, plain, atol=1e-6)
 
 

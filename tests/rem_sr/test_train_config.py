@@ -41,9 +41,15 @@ def test_intensity_augmentation_is_off_by_default_and_when_false(flag):
 
 @pytest.mark.parametrize("flag", [True, "true", "True"])
 def test_intensity_augmentation_acts_on_the_hr_volume_before_the_degradation(flag):
-    transforms = training_transforms(intensity_augmentation=flag, gamma_prob=0.7, gamma_range=[0.8, 1.2],
-                                     scale_intensity_prob=0.4, scale_intensity_factors=[-0.1, 0.2],
-                                     bias_field_prob=0.2, bias_field_coeff=[0.0, 0.05])
+    transforms = training_transforms(
+        intensity_augmentation=flag,
+        gamma_prob=0.7,
+        gamma_range=[0.8, 1.2],
+        scale_intensity_prob=0.4,
+        scale_intensity_factors=[-0.1, 0.2],
+        bias_field_prob=0.2,
+        bias_field_coeff=[0.0, 0.05],
+    )
     names = [type(t).__name__ for t in transforms]
     # each acts on the HR volume, before it is copied to the target and degraded into the input,
     # so the input and the target always share the contrast
@@ -77,18 +83,41 @@ def test_intensity_augmentation_rejects_a_non_boolean():
 
 
 def _tiny_train(brain_data, tmp_path, check=True, **overrides):
-    return run_bundle("rem_sr", ["train.json"], {
-        "patch_size": [16, 16, 16], "batch_size": 1, "max_iterations": 1, "val_interval": 1,
-        "val_roi_size": [24, 24, 24], "num_workers": 0, "rem_k": 4, "rem_n": 2,
-        "dataset_dir": str(brain_data), "datalist": str(brain_data / "datalist.json"),
-        "ckpt_dir": str(tmp_path / "models"), "log_dir": str(tmp_path / "logs"), **overrides}, check=check)
+    return run_bundle(
+        "rem_sr",
+        ["train.json"],
+        {
+            "patch_size": [16, 16, 16],
+            "batch_size": 1,
+            "max_iterations": 1,
+            "val_interval": 1,
+            "val_roi_size": [24, 24, 24],
+            "num_workers": 0,
+            "rem_k": 4,
+            "rem_n": 2,
+            "dataset_dir": str(brain_data),
+            "datalist": str(brain_data / "datalist.json"),
+            "ckpt_dir": str(tmp_path / "models"),
+            "log_dir": str(tmp_path / "logs"),
+            **overrides,
+        },
+        check=check,
+    )
 
 
 def test_train_runs_with_intensity_augmentation_through_the_bundle_runner(brain_data, tmp_path):
     # batch_size 3 puts all three training volumes in one batch: two have a "mask" entry and
     # nibabel's anatomical.nii has none, which must not break the collation
-    result = _tiny_train(brain_data, tmp_path, batch_size=3, max_iterations=2, val_interval=2,
-                         intensity_augmentation="true", zoom_augmentation="true", zoom_prob=1.0)
+    result = _tiny_train(
+        brain_data,
+        tmp_path,
+        batch_size=3,
+        max_iterations=2,
+        val_interval=2,
+        intensity_augmentation="true",
+        zoom_augmentation="true",
+        zoom_prob=1.0,
+    )
     assert "val_psnr" in result.stdout + result.stderr
     assert (tmp_path / "models" / "model.pt").exists()
 
@@ -100,8 +129,7 @@ def test_pretrained_weights_initialise_the_network(brain_data, tmp_path):
     torch.save(start, tmp_path / "start.pt")
     # a learning rate of 1e-12 leaves the weights where they started, so the saved model must
     # equal the pretrained one (and differ from the seeded random initialisation of the run)
-    _tiny_train(brain_data, tmp_path, pretrained_weights=str(tmp_path / "start.pt"), learning_rate=1e-12,
-                min_lr=1e-12)
+    _tiny_train(brain_data, tmp_path, pretrained_weights=str(tmp_path / "start.pt"), learning_rate=1e-12, min_lr=1e-12)
     saved = torch.load(tmp_path / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert saved.keys() == start.keys()
     for key in start:
@@ -120,9 +148,14 @@ def test_pretrained_weights_of_another_network_fail_clearly_before_training(brai
 def test_zoom_augmentation_needs_volumes_that_hold_a_patch_after_shrinking(brain_data, tmp_path):
     # nibabel's anatomical.nii is 33x41x25: a 24^3 patch fits, but not once it is zoomed by 0.7
     checks = load_bundle_scripts("rem_sr", "checks")
-    overrides = {"dataset_dir": str(brain_data), "datalist": str(brain_data / "datalist.json"),
-                 "patch_size": [24, 24, 24]}
+    overrides = {
+        "dataset_dir": str(brain_data),
+        "datalist": str(brain_data / "datalist.json"),
+        "patch_size": [24, 24, 24],
+    }
     assert len(training_datalist(**overrides)) == 3
-    with pytest.raises(checks.BundleInputError, match=r"anatomical_T1w.nii.gz: shape \(33, 41, 25\) is smaller than the minimum \(35, 35, 35\)"):
+    with pytest.raises(
+        checks.BundleInputError,
+        match=r"anatomical_T1w.nii.gz: shape \(33, 41, 25\) is smaller than the minimum \(35, 35, 35\)",
+    ):
         training_datalist(zoom_augmentation=True, zoom_range=[0.7, 1.0], **overrides)
-

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from ignite.engine import Engine
-from ignite.handlers import ProgressBar
 from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
 from monai.networks.blocks import Warp
 
+from .common import backward_and_step, unwrap
 from .metrics import label_one_hot
-
-
-def unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    """The network inside a DistributedDataParallel / DataParallel wrapper."""
-    return network.module if hasattr(network, "module") else network
 
 
 def _plain(batch: dict, key: str, device) -> torch.Tensor:
@@ -29,10 +21,24 @@ def _amp(engine: Engine, device: torch.device) -> bool:
 
 
 class F3RNetTrainStep:
-    """One unsupervised step (the paper's Eq. 3): DDF = F3RNet(cat(moving, fixed)) (through DDP when wrapped),
-    warped = Warp(moving, DDF), loss = MIND-SSC(warped, fixed) + lambda * ||grad DDF||^2. Labels are never used.
+    """
+    One unsupervised F3RNet optimisation step, as the ``iteration_update`` of MONAI's ``SupervisedTrainer``:
+    DDF = F3RNet(cat(moving, fixed)) (through DDP when wrapped), warped = Warp(moving, DDF) (bilinear, border
+    padding), loss = MIND-SSC(warped, fixed) + lambda * ||grad DDF||^2. Labels are never used.
 
     With ``amp`` on CUDA the network runs under autocast and the loss in float32, with the trainer's GradScaler.
+
+    Source: Xu et al., "F3RNet: Full-Resolution Residual Registration Network for Multimodal Image Registration",
+    Section 2.5, Eq. (3) (the loss, ``scripts.losses.F3RNetLoss``) and Section 2.1 (the spatial transformer, here
+    MONAI ``Warp``).
+
+    Args:
+        loss_function: a ``scripts.losses.F3RNetLoss`` (its ``components(warped, fixed, ddf)`` is used).
+        grad_clip_norm: clip the gradient norm to this value; ``None``, ``""``, ``"None"``, ``"null"`` or 0 disable
+            clipping (strings from the command line are accepted).
+
+    Raises:
+        ValueError: when ``grad_clip_norm`` is a string that is not a number.
     """
 
     def __init__(self, loss_function: torch.nn.Module, grad_clip_norm: float | None = None) -> None:
@@ -41,35 +47,45 @@ class F3RNetTrainStep:
         self.warp = Warp(mode="bilinear", padding_mode="border")
 
     def __call__(self, engine: Engine, batch: dict) -> dict:
+        """
+        Args:
+            engine: the trainer; uses ``engine.state.device``, ``engine.network``, ``engine.optimizer``,
+                ``engine.amp`` and ``engine.scaler``.
+            batch: a dict with ``moving_image`` and ``fixed_image``, each in shape [B, 1, D, H, W] (intensities in
+                [0, 1] after ``NormalizeCTMRd``).
+
+        Returns:
+            Python floats: ``loss``, ``similarity``, ``smoothness`` (see ``F3RNetLoss.components``) and
+            ``max_abs_ddf`` (the largest displacement, voxels).
+
+        Raises:
+            KeyError: when one of the batch keys is missing.
+        """
         device = engine.state.device
         moving, fixed = _plain(batch, "moving_image", device), _plain(batch, "fixed_image", device)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device_type=device.type, enabled=_amp(engine, device)):
-            ddf = engine.network(torch.cat([moving, fixed], dim=1))
+            # through the trainer's inferer (train#inferer), so a config or MONAI Label can swap it
+            ddf = engine.inferer(torch.cat([moving, fixed], dim=1), engine.network)
         ddf = ddf.float()
         parts = self.loss_function.components(self.warp(moving, ddf), fixed, ddf)
-        scaler = getattr(engine, "scaler", None) if _amp(engine, device) else None
-        if scaler is not None:
-            scaler.scale(parts["loss"]).backward()
-            if self.grad_clip_norm:
-                scaler.unscale_(engine.optimizer)
-                torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
-            scaler.step(engine.optimizer)
-            scaler.update()
-        else:
-            parts["loss"].backward()
-            if self.grad_clip_norm:
-                torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
-            engine.optimizer.step()
+        backward_and_step(engine, parts["loss"], self.grad_clip_norm, _amp(engine, device))
         out = {k: float(v.detach()) for k, v in parts.items()}
         out["max_abs_ddf"] = float(ddf.detach().abs().max())
         return out
 
 
 class F3RNetEvalStep:
-    """Validation on one full-volume pair: the moving label is warped (nearest neighbour) with the predicted
-    DDF; returns one-hot ``pred`` (warped moving label) and ``label`` (fixed label) for MONAI's MeanDice."""
+    """
+    Validation on one full-volume pair, as the ``iteration_update`` of MONAI's ``SupervisedEvaluator``: the moving
+    label is warped (nearest neighbour, zero padding; MONAI ``Warp``) with the predicted DDF; returns one-hot
+    ``pred`` (warped moving label) and ``label`` (fixed label) for MONAI's ``MeanDice``.
+
+    Args:
+        num_classes: number of label classes including the background (5 for the bundle's label map: 0 background,
+            1 liver, 2 spleen, 3 right kidney, 4 left kidney).
+    """
 
     def __init__(self, num_classes: int = 5) -> None:
         self.num_classes = int(num_classes)
@@ -77,6 +93,18 @@ class F3RNetEvalStep:
 
     @torch.no_grad()
     def __call__(self, engine: Engine, batch: dict) -> dict:
+        """
+        Args:
+            engine: the evaluator; uses ``engine.state.device``, ``engine.network`` and ``engine.amp``.
+            batch: a dict with ``moving_image``, ``fixed_image``, ``moving_label`` and ``fixed_label``, each in
+                shape [B, 1, D, H, W].
+
+        Returns:
+            ``{"pred": [B, num_classes, D, H, W], "label": [B, num_classes, D, H, W]}``, one-hot.
+
+        Raises:
+            KeyError: when one of the batch keys is missing.
+        """
         device = engine.state.device
         pair = torch.cat([_plain(batch, "moving_image", device), _plain(batch, "fixed_image", device)], dim=1)
         engine.network.eval()
@@ -88,11 +116,28 @@ class F3RNetEvalStep:
 
 
 class F3RNetInferStep:
-    """Inference iteration: the network runs once on the stacked pair ``image`` (moving, fixed) and returns the
-    DDF as ``pred``, a MetaTensor with the input's (batched) metadata, so the outputs keep the input affine."""
+    """
+    Inference iteration, as the ``iteration_update`` of MONAI's ``SupervisedEvaluator``: the network runs once on
+    the stacked pair ``image`` (moving, fixed) and returns the DDF as ``pred``, a MetaTensor with the input's
+    (batched) metadata, so the outputs keep the input affine. With ``amp`` on CUDA the network runs under autocast.
+    """
 
     @torch.no_grad()
     def __call__(self, engine: Engine, batch: dict) -> dict:
+        """
+        Args:
+            engine: the evaluator; uses ``engine.state.device``, ``engine.network`` and ``engine.amp``, and fires
+                ``FORWARD_COMPLETED`` and ``MODEL_COMPLETED`` (MONAI's decollation and postprocessing).
+            batch: a dict with ``image``, a MetaTensor [B, 2, D, H, W] (moving and fixed stacked as channels).
+
+        Returns:
+            ``engine.state.output = {"pred": DDF}``, the DDF [B, 3, D, H, W] in voxels as a batched float32 CPU
+            MetaTensor with the input's metadata.
+
+        Raises:
+            KeyError: when ``image`` is missing from the batch.
+            ValueError: when ``image`` is not in shape [B, 2, D, H, W] (raised by :class:`F3RNet`).
+        """
         image = batch["image"]
         device = engine.state.device
         engine.network.eval()
@@ -106,30 +151,3 @@ class F3RNetInferStep:
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
         return engine.state.output
-
-
-class ProgressBarHandler:
-    """Ignite's progress bar (with the running loss when `show_loss`); MONAI engines call ``attach(engine)``."""
-
-    def __init__(self, show_loss: bool = True) -> None:
-        self.show_loss = show_loss
-
-    def attach(self, engine: Engine) -> None:
-        if self.show_loss:
-            ProgressBar(persist=False).attach(engine, output_transform=lambda o: {"loss": o["loss"]})
-        else:
-            ProgressBar(persist=False).attach(engine)
-
-
-def save_state_dict_on_cpu(path: str, export_path: str | None = None) -> None:
-    """Re-save a checkpoint as a plain state dict of CPU tensors (atomic), if it exists, in place or as
-    `export_path` (e.g. models/model_all.pt for the F3RNet-w/ F3D row of evaluate.json)."""
-    if not os.path.isfile(path):
-        return
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k.removeprefix("module."): v.detach().cpu().contiguous() for k, v in state.items()}
-    target = Path(export_path or path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".partial-{target.name}")
-    torch.save(state, tmp)
-    os.replace(tmp, target)

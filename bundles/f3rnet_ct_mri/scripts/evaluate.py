@@ -1,39 +1,47 @@
-"""Evaluation in the layout of the paper's Tables 2/3 (evaluate.json).
+"""What MONAI lacks for the f3rnet_ct_mri evaluation (``configs/evaluate.json``, an override of ``train.json``).
 
-Rows (methods), all on the same held-out pairs and in the configured direction:
-- ``identity``: no registration (the paper's "Moving" row; pairs are assumed affinely pre-aligned);
-- one row per entry of `weights` (``{variant: weights file}``, e.g. ``none`` -> models/model.pt, ``all`` ->
-  models/model_all.pt); a row whose weights file does not exist is reported as "not trained".
+One run evaluates one method (one row of the paper's Tables 2/3): ``identity`` (no registration, a zero DDF from
+`ZeroDDF`) or an F3D variant of F3RNet with its weights. MONAI's ``SupervisedEvaluator`` iterates the test pairs
+with `F3RNetEvaluateStep` (the timed forward pass); the postprocessing warps the moving label with the DDF and
+one-hot encodes it; MONAI metric handlers compute Dice, and, with the metrics of ``registration_metrics.py``,
+surface distances in mm, folding, SDlogJ and the forward time; ``MetricsSaver`` writes the files;
+`RegistrationFigure` draws the first pair in the layout of the paper's Fig. 4.
 
-Per pair and method: Dice and symmetric average surface distance (mm, MONAI's DiceMetric and
-SurfaceDistanceMetric with the fixed image's voxel spacing) per organ of the warped moving label (nearest
-neighbour) against the fixed label, their means over the organs, the percentage of voxels with a non-positive
-Jacobian determinant (folding), and the network's forward time. Writes metrics.csv (one row per pair and
-method), summary.json (means and stds), results.md (the markdown table) and a PNG in the style of the paper's
-Fig. 4 (fixed image with its organ contours, the moving image and each warped moving image).
+Paper: Z. Xu, J. Luo, J. Yan, X. Li, J. Jayender, "F3RNet: Full-Resolution Residual Registration Network for
+Multimodal Image Registration".
 """
 
 from __future__ import annotations
 
-import csv
 import io
-import json
-import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from monai.networks.blocks import Warp
-from monai.transforms import EnsureChannelFirst, LoadImage
-from tqdm import tqdm
+from ignite.engine import Engine, Events
+from monai.data import MetaTensor
+from monai.engines.utils import IterationEvents
+from monai.handlers import from_engine
+from monai.metrics import compute_dice
 
-from .checks import BundleInputError, check_direction
-from .metrics import folding_percent, organ_asd, organ_dice
-from .networks import F3D_VARIANTS, F3RNet, count_parameters
-from .transforms import MODALITIES, NormalizeCTMRd
+from .common import BundleInputError, atomic_write_bytes, case_name, config_flag, unwrap
+from .metrics import label_one_hot
+from .transforms import MODALITIES
 
-VARIANT_TITLES = {
+__all__ = [
+    "METHOD_TITLES",
+    "F3RNetEvaluateStep",
+    "RegistrationFigure",
+    "ZeroDDF",
+    "check_method",
+    "organ_channels",
+]
+
+# the row names of the paper's tables
+METHOD_TITLES = {
     "identity": "Moving (no registration)",
     "none": "F3RNet-w/o F3D",
     "all": "F3RNet-w/ F3D",
@@ -43,244 +51,281 @@ VARIANT_TITLES = {
     "ms": "F3RNet-MS",
     "all_more_mrb": "F3RNet-MRB",
 }
-DEFAULT_LABELS = {"1": "liver", "2": "spleen", "3": "right kidney", "4": "left kidney"}
-# columns of the paper's tables: organ -> label ids averaged per pair (the paper reports one "Kidney")
-DEFAULT_GROUPS = {"Liver": [1], "Spleen": [2], "Kidney": [3, 4]}
-# contour colours of the paper's figures: liver green, kidney red, spleen blue
+# contour colours of the paper's figures: liver green, kidneys red, spleen blue
 CONTOUR_COLOURS = {"liver": "lime", "spleen": "deepskyblue", "right kidney": "red", "left kidney": "red"}
+# how the figure prints a metric's value for the first pair
+METRIC_FORMATS = {
+    "dice": "Dice {:.3f}",
+    "asd": "ASD {:.2f} mm",
+    "hd95": "HD95 {:.2f} mm",
+    "folding_percent": "folding {:.3f}%",
+    "sdlogj": "SDlogJ {:.3f}",
+    "seconds": "{:.2f} s",
+}
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".partial-{path.name}")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
+class ZeroDDF(torch.nn.Module):
+    """The ``identity`` method, the paper's "Moving" row (no registration; pairs assumed affinely pre-aligned)."""
+
+    def forward(self, pair: torch.Tensor) -> torch.Tensor:
+        """A zero DDF.
+
+        Args:
+            pair: ``[B, 2, X, Y, Z]`` moving and fixed image (values unused).
+
+        Returns:
+            ``[B, 3, X, Y, Z]`` zeros (displacements in voxels), dtype and device of `pair`.
+        """
+        return pair.new_zeros((pair.shape[0], 3, *pair.shape[2:]))
 
 
-def _nanmean(values) -> float:
-    values = np.asarray(values, dtype=float)
-    values = values[~np.isnan(values)]
-    return float(values.mean()) if values.size else float("nan")
+def check_method(method: str, methods: Mapping[str, Any] | Sequence[str]) -> str:
+    """Check that `method` is one of the configured methods (the keys of ``method_weights``).
+
+    Args:
+        method: the ``--method`` value.
+        methods: the configured methods (a dict's keys are used).
+
+    Returns:
+        `method`.
+
+    Raises:
+        BundleInputError: `method` is not configured; the message lists the valid ones.
+    """
+    names = [str(m) for m in methods]
+    if str(method) not in names:
+        raise BundleInputError(
+            f"method must be one of {', '.join(names)}, got {method!r} (config key method_weights "
+            f"lists the methods and their weights)"
+        )
+    return str(method)
 
 
-def _slug(name: str) -> str:
-    return name.lower().replace(" ", "_")
+def organ_channels(keys: Sequence[str], channels: Sequence[int]) -> Callable:
+    """An ``output_transform`` for a metric handler on a group of organs (a column of the paper's tables).
+
+    Args:
+        keys: the one-hot output keys, e.g. ``["warped_moving_label", "label"]``: ``[C, X, Y, Z]`` per pair
+            (or ``[B, C, X, Y, Z]`` when not decollated), channel ``i`` = label id ``i``.
+        channels: the label ids of the group, e.g. ``[3, 4]`` for both kidneys.
+
+    Returns:
+        A callable mapping ``engine.state.output`` to the values of `keys` restricted to `channels` (metadata,
+        hence the voxel spacing, kept), for a metric with ``include_background=True``.
+    """
+    get = from_engine(list(keys))
+    index = [int(c) for c in channels]
+
+    def transform(output: Any) -> tuple:
+        values = get(output)
+        return tuple([t[index] for t in v] if isinstance(v, list) else v[:, index] for v in values)
+
+    return transform
 
 
-class F3RNetEvaluation:
-    def __init__(self, items: list[dict], output_dir: str, weights: dict[str, str], direction: str = "ct2mri",
-                 fr_channels: int = 16, ms_channels: int = 32, levels: int = 4, device="cpu",
-                 label_names: dict | None = None, table_groups: dict | None = None,
-                 ct_window=(-300.0, 500.0), mr_percentiles=(0.0, 99.0), warmup: bool = True,
-                 figure_name: str = "registration_comparison.png") -> None:
-        self.items = items
-        self.output_dir = Path(output_dir)
-        self.direction = check_direction(direction)
-        self.weights = {str(k): (str(v) if v else "") for k, v in dict(weights or {}).items()}
-        unknown = [v for v in self.weights if v not in F3D_VARIANTS]
-        if unknown:
-            raise BundleInputError(f"evaluate weights: unknown F3RNet variant(s) {unknown}; valid: "
-                                   f"{', '.join(F3D_VARIANTS)}")
-        self.net_kwargs = {"fr_channels": int(fr_channels), "ms_channels": int(ms_channels), "levels": int(levels)}
-        self.device = torch.device(device)
-        self.labels = {int(k): str(v) for k, v in (label_names or DEFAULT_LABELS).items()}
-        self.num_classes = max(self.labels) + 1
-        groups = table_groups or DEFAULT_GROUPS
-        self.groups = {str(g): [int(i) for i in ids if int(i) in self.labels] for g, ids in groups.items()}
-        self.groups = {g: ids for g, ids in self.groups.items() if ids}
-        self.normalize = NormalizeCTMRd(self.direction, ct_window=ct_window, mr_percentiles=mr_percentiles)
-        self.warmup = str(warmup).lower() not in ("false", "0", "no", "none")
-        self.figure_name = figure_name
-        self.load = lambda p: EnsureChannelFirst()(LoadImage(image_only=True)(p))
-        self.warp_image = Warp(mode="bilinear", padding_mode="border")
-        self.warp_label = Warp(mode="nearest", padding_mode="zeros")
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    @property
-    def methods(self) -> list[str]:
-        return ["identity", *self.weights]
 
-    def build(self, variant: str) -> torch.nn.Module:
-        """The network of one row; raises one clear error for a broken or incompatible weights file."""
-        net = F3RNet(f3d=variant, **self.net_kwargs)
-        path = self.weights[variant]
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise BundleInputError(f"{path}: not a loadable PyTorch state dict ({str(e).splitlines()[0]})") from None
-        try:
-            net.load_state_dict(state, strict=True)
-        except (RuntimeError, TypeError, AttributeError) as e:
-            raise BundleInputError(f"{path}: weights do not match F3RNet variant '{variant}' with "
-                                   f"{self.net_kwargs} ({str(e).splitlines()[0]})") from None
-        return net.to(self.device).eval()
+class F3RNetEvaluateStep:
+    """``iteration_update`` of the evaluation's ``SupervisedEvaluator``: one timed forward pass per batch.
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    The network (F3RNet, or `ZeroDDF` for ``identity``) maps ``cat(moving_image, fixed_image)``
+    ``[B, 2, X, Y, Z]`` (normalised to [0, 1]) to a DDF ``[B, 3, X, Y, Z]`` in voxels. The first call runs one
+    untimed warm-up forward (the first call of a network allocates its buffers; as the paper times inference).
+
+    Output (``engine.state.output``, before MONAI's decollation and postprocessing): ``pred`` the DDF on the CPU as
+    a ``MetaTensor`` with the fixed image's metadata (affine), and ``seconds`` ``[B, 1]``: the forward time of the
+    batch (after CUDA synchronisation) divided by its size.
+
+    Args:
+        warmup: run the warm-up forward (a bool or a command-line string, see ``common.config_flag``).
+
+    Raises:
+        BundleInputError: `warmup` is not a boolean.
+    """
+
+    def __init__(self, warmup: bool | str = True) -> None:
+        self.warmup = config_flag(warmup, "warmup")
+        self._warmed_up = False
 
     @torch.no_grad()
-    def run(self) -> dict:
-        available = {m: m == "identity" or os.path.isfile(self.weights.get(m) or "") for m in self.methods}
-        networks = {m: (None if m == "identity" else self.build(m)) for m in self.methods if available[m]}
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        rows, figure, warmed_up = [], {}, set()
-        for item in tqdm(self.items, desc="evaluating pairs", unit="pair"):
-            name = item.get("name") or Path(item["moving_image"]).name.split(".")[0]
-            data = self.normalize({"moving_image": self.load(item["moving_image"]),
-                                   "fixed_image": self.load(item["fixed_image"])})
-            moving, fixed = (data[k].as_tensor().float() for k in ("moving_image", "fixed_image"))
-            spacing = [float(s) for s in data["fixed_image"].pixdim[:3]]
-            moving_label = self.load(item["moving_label"]).as_tensor()[None].float()
-            fixed_label = self.load(item["fixed_label"]).as_tensor()[None].float()
-            pair = torch.cat([moving, fixed])[None].to(self.device)
-            for method, net in networks.items():
-                if net is None:
-                    ddf = torch.zeros((1, 3, *fixed.shape[1:]))
-                    warped_label, seconds = moving_label, float("nan")
-                else:
-                    if self.warmup and method not in warmed_up:
-                        net(pair)  # each network's first call allocates; keep it out of the runtime
-                        warmed_up.add(method)
-                    self._sync()
-                    start = time.perf_counter()
-                    ddf = net(pair)
-                    self._sync()
-                    seconds = time.perf_counter() - start
-                    ddf = ddf.float().cpu()
-                    warped_label = self.warp_label(moving_label, ddf)
-                dice = organ_dice(warped_label, fixed_label, self.num_classes)
-                asd = organ_asd(warped_label, fixed_label, self.num_classes, spacing)
-                row = {"pair": name, "method": method}
-                for label_id, organ in sorted(self.labels.items()):
-                    row[f"dice_{_slug(organ)}"] = float(dice[label_id - 1])
-                for label_id, organ in sorted(self.labels.items()):
-                    row[f"asd_{_slug(organ)}_mm"] = float(asd[label_id - 1])
-                for group, ids in self.groups.items():
-                    row[f"dice_{_slug(group)}_group"] = _nanmean([dice[i - 1] for i in ids])
-                    row[f"asd_{_slug(group)}_group_mm"] = _nanmean([asd[i - 1] for i in ids])
-                row["dice_mean"] = _nanmean(dice)
-                row["asd_mean_mm"] = _nanmean(asd)
-                row["folding_percent"] = folding_percent(ddf[0])
-                row["seconds"] = seconds
-                rows.append(row)
-                if not figure:
-                    figure = {"pair": name, "fixed": fixed, "moving": moving, "fixed_label": fixed_label[0],
-                              "warped": {}}
-                if figure["pair"] == name and net is not None:
-                    figure["warped"][method] = (self.warp_image(moving[None], ddf)[0], row["dice_mean"])
-                if figure["pair"] == name and net is None:
-                    figure["identity_dice"] = row["dice_mean"]
-        summary = self.summarize(rows, available, networks)
-        self.write_csv(rows)
-        _atomic_write_bytes(self.output_dir / "summary.json", json.dumps(summary, indent=2).encode())
-        table = self.markdown_table(summary)
-        _atomic_write_bytes(self.output_dir / "results.md", table.encode())
-        self.write_figure(figure)
-        print("\n" + table)
-        print(f"wrote {self.output_dir / 'metrics.csv'}, summary.json, results.md and {self.figure_name}")
-        return summary
+    def __call__(self, engine: Engine, batch: dict) -> Any:
+        device = engine.state.device
+        fixed = batch["fixed_image"]
+        pair = torch.cat(
+            [
+                torch.as_tensor(batch[k]).as_subclass(torch.Tensor).float().to(device)
+                for k in ("moving_image", "fixed_image")
+            ],
+            dim=1,
+        )
+        network = unwrap(engine.network)
+        network.eval()
+        amp = bool(getattr(engine, "amp", False)) and device.type == "cuda"
+        with torch.autocast(device_type=device.type, enabled=amp):
+            if self.warmup and not self._warmed_up:
+                network(pair)
+                self._warmed_up = True
+            _sync(device)
+            start = time.perf_counter()
+            ddf = network(pair)
+            _sync(device)
+            seconds = (time.perf_counter() - start) / pair.shape[0]
+        pred = MetaTensor(ddf.float().cpu(), meta=getattr(fixed, "meta", {}), applied_operations=[])
+        pred.is_batch = True
+        engine.state.output = {"pred": pred, "seconds": torch.full((pair.shape[0], 1), seconds, dtype=torch.float64)}
+        # MONAI's decollation and postprocessing run on these events (its default iteration fires them)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
 
-    def summarize(self, rows: list[dict], available: dict[str, bool], networks: dict) -> dict:
-        metrics = [k for k in rows[0] if k not in ("pair", "method")]
-        summary = {"direction": self.direction, "device": str(self.device), "pairs": sorted({r["pair"] for r in rows}),
-                   "labels": {str(k): v for k, v in self.labels.items()}, "groups": self.groups, "methods": {}}
-        for method in self.methods:
-            if not available[method]:
-                summary["methods"][method] = {"trained": False, "weights": self.weights.get(method)}
-                continue
-            rs = [r for r in rows if r["method"] == method]
-            entry = {"trained": True, "title": VARIANT_TITLES[method]}
-            if networks.get(method) is not None:
-                entry["weights"] = self.weights[method]
-                entry["parameters"] = count_parameters(networks[method])
-            for m in metrics:
-                values = np.array([r[m] for r in rs], dtype=float)
-                finite = values[~np.isnan(values)]
-                entry[m] = {"mean": float(finite.mean()) if finite.size else float("nan"),
-                            "std": float(finite.std()) if finite.size else float("nan")}
-            summary["methods"][method] = entry
-        return summary
 
-    def write_csv(self, rows: list[dict]) -> None:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
-        _atomic_write_bytes(self.output_dir / "metrics.csv", buffer.getvalue().encode())
+def _first(data: Any) -> dict:
+    """The first pair of a decollated list, or of a collated dict (index 0 of every tensor)."""
+    if isinstance(data, list):
+        return data[0]
+    return {k: (v[0] if isinstance(v, (torch.Tensor, list, tuple)) and len(v) else v) for k, v in data.items()}
 
-    def markdown_table(self, summary: dict) -> str:
-        groups = list(self.groups)
-        title = {"ct2mri": "CT-to-MRI (moving CT, fixed MR)", "mri2ct": "MRI-to-CT (moving MR, fixed CT)"}
-        kidney_note = "; ".join(f"{g} = mean of {', '.join(self.labels[i] for i in ids)}"
-                                for g, ids in self.groups.items() if len(ids) > 1)
-        lines = [f"{title[self.direction]}, {len(summary['pairs'])} test pairs ({', '.join(summary['pairs'])}), "
-                 f"mean ± std over pairs. ASD: symmetric average surface distance (mm); Dice in %"
-                 + (f" ({kidney_note})" if kidney_note else "") + f"; runtime: one forward pass on {summary['device']}.",
-                 "",
-                 "| Method | " + " | ".join(f"ASD {g} (mm)" for g in groups) + " | "
-                 + " | ".join(f"Dice {g} (%)" for g in groups)
-                 + " | mean Dice (%) | folding (%) | Params (M) | time (s) |",
-                 "|---" * (1 + 2 * len(groups) + 4) + "|"]
-        for method in self.methods:
-            entry = summary["methods"][method]
-            label = VARIANT_TITLES[method]
-            if not entry["trained"]:
-                lines.append(f"| {label} | " + " | ".join(["not trained"] * (2 * len(groups) + 4)) + " |")
-                continue
 
-            def cell(key: str, scale: float = 1.0, digits: int = 2) -> str:
-                m, s = entry[key]["mean"] * scale, entry[key]["std"] * scale
-                return "n/a" if np.isnan(m) else f"{m:.{digits}f} ± {s:.{digits}f}"
+def _numpy(x: Any) -> np.ndarray:
+    return torch.as_tensor(x).as_subclass(torch.Tensor).detach().float().cpu().numpy()
 
-            cells = [cell(f"asd_{_slug(g)}_group_mm") for g in groups]
-            cells += [cell(f"dice_{_slug(g)}_group", 100) for g in groups]
-            cells += [cell("dice_mean", 100), cell("folding_percent", 1, 3)]
-            cells += ["-" if method == "identity" else f"{entry['parameters'] / 1e6:.3f}"]
-            cells += ["-" if method == "identity" else cell("seconds")]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        return "\n".join(lines) + "\n"
 
-    def _slice(self, label: torch.Tensor) -> int:
-        """The axial slice (last axis) with the most liver (label 1), else with the most foreground."""
-        lab = label[0]
-        organ = (lab == 1) if (lab == 1).any() else (lab > 0)
-        counts = organ.flatten(0, 1).sum(0) if organ.ndim == 3 else organ.sum()
-        return int(torch.argmax(counts)) if counts.numel() > 1 and counts.max() > 0 else lab.shape[-1] // 2
+class RegistrationFigure:
+    """Ignite handler: a PNG of the first pair in the layout of the paper's Fig. 4, for the run's one method.
 
-    def write_figure(self, data: dict) -> None:
-        """The paper's Fig. 4 layout: the fixed image with its organ contours (liver green, kidneys red, spleen
-        blue), then the moving image and each warped moving image with the same fixed contours on top."""
+    Panels on the axial slice (last axis) with the most liver (label 1; else the most foreground), in
+    radiological view: the fixed image with the contours of the fixed labels (liver green, spleen blue, kidneys
+    red); the moving image and the warped moving image under the same contours (titles: mean organ Dice before
+    registration, and the method's Dice / ASD / HD95 for this pair); the in-plane deformation grid (folding and
+    SDlogJ of this pair). Written atomically to ``output_dir/filename`` at the end of the run (rank 0).
+
+    Keys (after MONAI's postprocessing): batch ``moving_image``, ``fixed_image`` ``[1, X, Y, Z]`` (normalised),
+    ``fixed_label``, ``moving_label`` ``[1, X, Y, Z]`` ids; output ``warped_moving_image`` ``[1, X, Y, Z]`` and
+    ``pred`` (DDF ``[3, X, Y, Z]``, voxels). Metric values come from ``engine.state.metric_details``.
+
+    Args:
+        output_dir: folder of the PNG.
+        filename: e.g. ``registration_none_ct2mri.png``.
+        method: the method name (its title from `METHOD_TITLES`).
+        direction: ``ct2mri`` or ``mri2ct`` (names the modalities).
+        label_names: ``{label id: organ name}``.
+        grid_step: voxels between the lines of the deformation grid.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        filename: str,
+        method: str,
+        direction: str,
+        label_names: Mapping[Any, str],
+        grid_step: int = 6,
+    ) -> None:
+        self.path = Path(output_dir) / filename
+        self.method = str(method)
+        self.direction = str(direction)
+        self.labels = {int(k): str(v) for k, v in label_names.items()}
+        self.grid_step = max(1, int(grid_step))
+        self.data: dict | None = None
+
+    def attach(self, engine: Engine) -> None:
+        """Keep the first pair's slices after the first iteration; draw at the end of the epoch."""
+        engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self.capture)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
+
+    @staticmethod
+    def _slice(label: np.ndarray) -> int:
+        organ = (label == 1) if (label == 1).any() else (label > 0)
+        counts = organ.sum(axis=(0, 1))
+        return int(np.argmax(counts)) if counts.max() > 0 else label.shape[-1] // 2
+
+    def capture(self, engine: Engine) -> None:
+        """Store the first pair's axial slices, its name and its Dice before registration."""
+        batch, output = _first(engine.state.batch), _first(engine.state.output)
+        fixed_label = _numpy(batch["fixed_label"])[0]
+        z = self._slice(fixed_label)
+        num_classes = max(self.labels) + 1
+        before = compute_dice(
+            label_one_hot(torch.as_tensor(batch["moving_label"])[None], num_classes),
+            label_one_hot(torch.as_tensor(batch["fixed_label"])[None], num_classes),
+            include_background=False,
+            ignore_empty=True,
+        )
+        self.data = {
+            "name": case_name(batch, "moving_image"),
+            "z": z,
+            "label": fixed_label[:, :, z],
+            "fixed": _numpy(batch["fixed_image"])[0, :, :, z],
+            "moving": _numpy(batch["moving_image"])[0, :, :, z],
+            "warped": _numpy(output["warped_moving_image"])[0, :, :, z],
+            "ddf": _numpy(output["pred"])[:2, :, :, z],
+            "dice_before": float(torch.nanmean(before)),
+        }
+
+    def _values(self, engine: Engine, names: Sequence[str]) -> str:
+        """`METRIC_FORMATS` of the first pair's values (mean over organs) of the metrics that ran."""
+        details = getattr(engine.state, "metric_details", {}) or {}
+        parts = []
+        for name in names:
+            if name in details:
+                value = torch.as_tensor(details[name]).double().reshape(len(details[name]), -1)[0]
+                parts.append(METRIC_FORMATS[name].format(float(torch.nanmean(value))))
+        return " | ".join(parts)
+
+    def write(self, engine: Engine) -> None:
+        """Draw and save the PNG (nothing when no pair was seen, or on ranks other than 0)."""
+        import ignite.distributed as idist
+
+        if self.data is None or idist.get_rank() != 0:
+            return
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        if not data:
-            return
-        z = self._slice(data["fixed_label"])
+        d = self.data
         # radiological view of an axial slice of a RAS volume: anterior up, the patient's right on the left
         view = lambda a: np.ascontiguousarray(a[::-1, ::-1].T)  # noqa: E731
-        show = lambda v: view(v[0, :, :, z].cpu().numpy())  # noqa: E731
-        labels = view(data["fixed_label"][0, :, :, z].cpu().numpy())
-        roles = MODALITIES[self.direction]
-        panels = [(f"fixed ({roles['fixed'].upper()}) + organ contours", show(data["fixed"])),
-                  (f"moving ({roles['moving'].upper()}), no registration\nDice {data.get('identity_dice', float('nan')):.3f}",
-                   show(data["moving"]))]
-        for method, (warped, dice) in data["warped"].items():
-            panels.append((f"warped, {VARIANT_TITLES[method]}\nDice {dice:.3f}", show(warped)))
-        fig, axes = plt.subplots(1, len(panels), figsize=(2.8 * len(panels), 3.3), squeeze=False)
-        for ax, (title, img) in zip(axes[0], panels):
+        roles = MODALITIES.get(self.direction, {"fixed": "fixed", "moving": "moving"})
+        title = METHOD_TITLES.get(self.method, self.method)
+        panels = [
+            (f"fixed ({roles['fixed'].upper()}) + organ contours", view(d["fixed"])),
+            (f"moving ({roles['moving'].upper()}), no registration\nDice {d['dice_before']:.3f}", view(d["moving"])),
+            (f"warped, {title}\n{self._values(engine, ('dice', 'asd', 'hd95'))}", view(d["warped"])),
+        ]
+        fig, axes = plt.subplots(1, len(panels) + 1, figsize=(2.9 * (len(panels) + 1), 3.4), squeeze=False)
+        labels = view(d["label"])
+        for ax, (text, img) in zip(axes[0], panels):
             ax.imshow(img, cmap="gray", vmin=0, vmax=1)
             for label_id, organ in self.labels.items():
                 mask = (labels == label_id).astype(float)
                 if mask.any():
                     ax.contour(mask, levels=[0.5], colors=CONTOUR_COLOURS.get(organ, "yellow"), linewidths=0.7)
-            ax.set_title(title, fontsize=7)
+            ax.set_title(text, fontsize=7)
             ax.axis("off")
-        fig.suptitle(f"{data['pair']}: {self.direction}, axial slice {z}; contours: fixed labels "
-                     f"(liver green, spleen blue, kidneys red)", fontsize=8)
+        ax = axes[0][-1]
+        ax.imshow(0.5 * view(d["fixed"]), cmap="gray", vmin=0, vmax=1)
+        nx, ny = d["ddf"].shape[1:]
+        i, j = np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij")
+        cols, rows = nx - 1 - (i + d["ddf"][0]), ny - 1 - (j + d["ddf"][1])  # where view() draws voxel (i, j)
+        for k in range(0, nx, self.grid_step):
+            ax.plot(cols[k, :], rows[k, :], color="orange", linewidth=0.5)
+        for k in range(0, ny, self.grid_step):
+            ax.plot(cols[:, k], rows[:, k], color="orange", linewidth=0.5)
+        ax.set_xlim(-0.5, nx - 0.5)
+        ax.set_ylim(ny - 0.5, -0.5)
+        ax.set_title(f"deformation grid (in-plane)\n{self._values(engine, ('folding_percent', 'sdlogj'))}", fontsize=7)
+        ax.axis("off")
+        fig.suptitle(
+            f"{d['name']}: {self.direction}, {title}, axial slice {d['z']}; contours: fixed labels "
+            f"(liver green, spleen blue, kidneys red)",
+            fontsize=8,
+        )
         fig.tight_layout()
         buffer = io.BytesIO()
         fig.savefig(buffer, format="png", dpi=110)
         plt.close(fig)
-        _atomic_write_bytes(self.output_dir / self.figure_name, buffer.getvalue())
+        atomic_write_bytes(self.path, buffer.getvalue())

@@ -1,4 +1,8 @@
-"""F3RNet: Full-Resolution Residual Registration Network (Xu et al., papers/002, Fig. 1, Sections 2.1-2.4).
+"""F3RNet: Full-Resolution Residual Registration Network.
+
+Source: Z. Xu, J. Luo, J. Yan, X. Li and J. Jayender, "F3RNet: Full-Resolution Residual Registration Network for
+Multimodal Image Registration", Fig. 1, Sections 2.1-2.4, Eqs. (1)-(2), Table 1 (F3D variants) and Table 2
+(parameter counts).
 
 The network takes the moving and the fixed image stacked as 2 channels, ``[B, 2, D, H, W]`` (channel 0 = moving,
 channel 1 = fixed), and returns a dense displacement field (DDF) ``[B, 3, D, H, W]`` in voxel units. Channel ``i``
@@ -25,7 +29,8 @@ Building blocks
   * an ``RB`` branch (two 3x3x3 convs) becomes *one* F3D block: its first conv becomes the 3x3x1 conv and its
     second conv the 1x1x3 conv (``z + LReLU(conv1x1x3(LReLU(conv3x3x1(z))))``);
   * every conv keeps its bias; LeakyReLU(0.2) sits between the two factors.
-  * Never factorised: the 1x1x1 convs of the MRBs and the final 3-channel DVF conv (as the paper says).
+  * Never factorised: the 1x1x1 convs of the MRBs and the final 3-channel DDF conv (Section 3.2.1: "except for
+    the final 3-channel 3D convolution used to generate the deformation field").
 
 Topology (defaults: 16 FR channels, 32 MS channels, N = 4)
 ----------------------------------------------------------
@@ -79,7 +84,7 @@ F3D forms and topologies (1-2 MRBs per encoder level, 0-2 per decoder level, 0-8
 with/without an MS stem, bottom level in encoder or decoder) gave a worst-case error of 2.5% for this design,
 4.9% at best with a depthwise 1x1x3, and 18.8% at best with the textbook pair.
 Other inferred choices: LeakyReLU slope 0.2, max pooling, trilinear upsampling, the 1x1x1 conv reads the RB
-output ``h_n``, and the DVF conv starts near zero (N(0, 1e-5) weights, zero bias) as in VoxelMorph.
+output ``h_n``, and the DDF conv starts near zero (N(0, 1e-5) weights, zero bias) as in VoxelMorph.
 
 ``F3RNet`` (the network alone, without ``Warp``) is scriptable with ``torch.jit.script``.
 """
@@ -91,6 +96,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .common import count_parameters  # noqa: F401  (re-exported: parameter counts in docs and tests)
 
 F3D_VARIANTS = ("none", "all", "encoder", "decoder", "fr", "ms", "all_more_mrb")
 
@@ -119,17 +126,25 @@ PAPER_PARAMS_M = {
 NEGATIVE_SLOPE = 0.2
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
-    """Number of (trainable, by default) parameters of ``module``."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 def _act() -> nn.Module:
     return nn.LeakyReLU(NEGATIVE_SLOPE)
 
 
 class ConvAct(nn.Sequential):
-    """3x3x3 conv + LeakyReLU, or its F3D form: 3x3x1 conv + LeakyReLU + 1x1x3 conv + LeakyReLU."""
+    """
+    A 3x3x3 convolution + LeakyReLU(0.2), or its factorised (F3D) form: 3x3x1 conv + LeakyReLU + 1x1x3 conv +
+    LeakyReLU (the 1x1x3 conv works along the last spatial axis, across slices). Zero padding keeps the size.
+
+    Source: Xu et al., "F3RNet: Full-Resolution Residual Registration Network for Multimodal Image Registration",
+    Section 2.4 and Fig. 2(c) (factorised 3D convolution).
+
+    Args:
+        in_channels: number of input channels.
+        out_channels: number of output channels.
+        factorised: use the F3D form.
+
+    Calling the module maps [B, in_channels, D, H, W] to [B, out_channels, D, H, W].
+    """
 
     def __init__(self, in_channels: int, out_channels: int, factorised: bool = False) -> None:
         if factorised:
@@ -145,8 +160,17 @@ class ConvAct(nn.Sequential):
 
 
 class ResidualBlock(nn.Module):
-    """RB (Fig. 1(b), Eq. 1): ``z + R(z)``; R = two 3x3x3 convs with LeakyReLU, or one F3D block
-    (3x3x1 conv + LeakyReLU + 1x1x3 conv + LeakyReLU) when ``factorised``."""
+    """
+    Residual block (RB): ``z_n = z_{n-1} + R(z_{n-1})`` with ``R`` two 3x3x3 convs each followed by LeakyReLU(0.2),
+    or one F3D block (3x3x1 conv + LeakyReLU + 1x1x3 conv + LeakyReLU) when ``factorised``.
+
+    Source: Xu et al., "F3RNet: Full-Resolution Residual Registration Network for Multimodal Image Registration",
+    Section 2.2, Eq. (1), Fig. 1(b); the F3D form is inferred (see the module docstring).
+
+    Args:
+        channels: number of input and output channels.
+        factorised: use the F3D form of the residual branch.
+    """
 
     def __init__(self, channels: int, factorised: bool = False) -> None:
         super().__init__()
@@ -166,14 +190,30 @@ class ResidualBlock(nn.Module):
             )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            z: features in shape [B, channels, D, H, W].
+
+        Returns:
+            ``z + R(z)``, same shape as ``z``.
+        """
         return z + self.branch(z)
 
 
 class MultiScaleResidualBlock(nn.Module):
-    """MRB (Fig. 1(c), Eq. 2) between the full-resolution features ``l`` and the multi-scale features ``h``.
+    """
+    Multi-scale residual block (MRB) between the full-resolution features ``l`` and the multi-scale features ``h``.
 
-    ``h_n = RB(conv(cat(pool(l), h)))`` and ``l_n = l + upsample(conv1x1(h_n))``; returns ``(l_n, h_n)``.
-    ``h`` must be ``1 / factor`` of ``l``'s size (exactly; the network pads its input so that it is).
+    ``h_n = RB(conv(cat(maxpool(l), h)))`` and ``l_n = l + upsample(conv1x1x1(h_n))`` (trilinear upsampling).
+
+    Source: Xu et al., "F3RNet: Full-Resolution Residual Registration Network for Multimodal Image Registration",
+    Section 2.3, Eq. (2), Fig. 1(c).
+
+    Args:
+        fr_channels: channels of the full-resolution stream (``l``).
+        ms_channels: channels of the multi-scale stream (``h``).
+        factor: the size ratio between ``l`` and ``h`` (a power of 2; 1 means the same resolution).
+        factorised: use the F3D form of the 3x3x3 convs (the 1x1x1 conv is never factorised).
     """
 
     def __init__(self, fr_channels: int, ms_channels: int, factor: int, factorised: bool = False) -> None:
@@ -184,6 +224,19 @@ class MultiScaleResidualBlock(nn.Module):
         self.proj = nn.Conv3d(ms_channels, fr_channels, kernel_size=1)
 
     def forward(self, l: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: E741
+        """
+        Args:
+            l: full-resolution features [B, fr_channels, D, H, W].
+            h: multi-scale features [B, ms_channels, D / factor, H / factor, W / factor]; the sizes must divide
+                exactly (F3RNet pads its input so that they do).
+
+        Returns:
+            ``(l_n, h_n)``: the updated full-resolution features (shape of ``l``) and the new multi-scale features
+            (shape of ``h``).
+
+        Raises:
+            RuntimeError: when the pooled ``l`` and ``h`` do not have the same spatial size (``torch.cat``).
+        """
         pooled = F.max_pool3d(l, kernel_size=self.factor, stride=self.factor) if self.factor > 1 else l
         h_n = self.rb(self.fuse(torch.cat([pooled, h], dim=1)))
         residual = self.proj(h_n)
@@ -193,7 +246,13 @@ class MultiScaleResidualBlock(nn.Module):
 
 
 class F3RNet(nn.Module):
-    """F3RNet registration network; ``forward(x)`` maps ``[B, 2, D, H, W]`` (moving, fixed) to a DDF ``[B, 3, D, H, W]``.
+    """
+    F3RNet registration network: maps a stacked moving/fixed pair [B, 2, D, H, W] to a dense displacement field
+    (DDF) [B, 3, D, H, W] in voxels, with a full-resolution stream and a multi-scale residual stream fused by MRBs.
+
+    Source: Z. Xu, J. Luo, J. Yan, X. Li and J. Jayender, "F3RNet: Full-Resolution Residual Registration Network for
+    Multimodal Image Registration", Section 2.1 and Fig. 1(a) (the two streams), Sections 2.2-2.4 (RB, MRB, F3D),
+    Table 1 (the F3D variants); no public code, see the module docstring for the inferred topology.
 
     Args:
         f3d: where factorised 3D convolutions replace 3x3x3 convs, one of ``F3D_VARIANTS``.
@@ -206,6 +265,22 @@ class F3RNet(nn.Module):
         pad_mode: ``"replicate"`` or ``"constant"`` (zeros), used to pad inputs to a multiple of ``2**levels``.
 
     See the module docstring for the topology and the parameter counts.
+
+    Raises:
+        ValueError: for an unknown ``f3d`` variant, ``levels < 1`` or an unknown ``pad_mode``.
+
+    Example::
+
+        import torch
+        from monai.networks.blocks import Warp
+        from scripts.networks import F3RNet
+
+        net = F3RNet(f3d="none")                        # F3RNet-w/o F3D, 760,131 parameters (paper: 0.746M)
+        moving = torch.rand(1, 1, 36, 32, 40)           # e.g. CT, intensities in [0, 1]
+        fixed = torch.rand(1, 1, 36, 32, 40)            # e.g. MR
+        ddf = net(torch.cat([moving, fixed], dim=1))    # padded to 48x32x48 inside, cropped back
+        assert ddf.shape == (1, 3, 36, 32, 40)          # voxels, channel i along spatial axis i
+        warped = Warp()(moving, ddf)                    # moving resampled onto the fixed grid
     """
 
     def __init__(
@@ -259,6 +334,8 @@ class F3RNet(nn.Module):
         nn.init.zeros_(self.flow.bias)
 
     def _pad(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Pad [B, C, D, H, W] at the end of each spatial axis to a multiple of ``size_multiple``; also return the
+        original spatial size."""
         shape = [int(s) for s in x.shape[2:]]
         m = self.size_multiple
         pads: list[int] = []
@@ -269,6 +346,20 @@ class F3RNet(nn.Module):
         return x, shape
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Predict the DDF that warps the moving image (channel 0) onto the fixed image (channel 1).
+
+        Args:
+            x: the moving and fixed images stacked as channels, in shape [B, in_channels, D, H, W] (any size: it is
+                padded at the end of each axis to a multiple of ``2**levels`` voxels and the DDF is cropped back).
+
+        Returns:
+            the DDF [B, out_channels, D, H, W] in voxels of the input grid, channel ``i`` along spatial axis ``i``
+            (the ``monai.networks.blocks.Warp`` convention).
+
+        Raises:
+            ValueError: when ``x`` is not 5-dimensional or does not have ``in_channels`` channels.
+        """
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"F3RNet expects a [B, {self.in_channels}, D, H, W] tensor (moving and fixed stacked), "
@@ -296,7 +387,19 @@ class F3RNet(nn.Module):
 
 
 def parameter_table(variants: Sequence[str] = F3D_VARIANTS) -> dict[str, tuple[int, float]]:
-    """``{variant: (parameters of this implementation, paper count)}``, for the model card and the tests."""
+    """
+    Compare the parameter counts of this implementation with Table 2 of Xu et al., "F3RNet: Full-Resolution
+    Residual Registration Network for Multimodal Image Registration".
+
+    Args:
+        variants: the F3D variants to build (default: all of ``F3D_VARIANTS``).
+
+    Returns:
+        ``{variant: (parameters of this implementation, paper count)}``, for the model card and the tests.
+
+    Raises:
+        ValueError: for an unknown variant (raised by :class:`F3RNet`).
+    """
     return {v: (count_parameters(F3RNet(f3d=v)), PAPER_PARAMS_M[v] * 1e6) for v in variants}
 
 

@@ -17,33 +17,68 @@ MODALITIES = {"ct2mri": {"moving": "ct", "fixed": "mr"}, "mri2ct": {"moving": "m
 
 
 class NormalizeCTMRd(MapTransform):
-    """Map both images of a pair to [0, 1], each by its modality (the paper's "intensity normalization"):
+    """
+    Map both images of a CT/MR pair to [0, 1], each by its modality.
 
     - CT: the soft-tissue window `ct_window` HU (default [-300, 500], the Learn2Reg preparation's clip) linearly to
-      [0, 1], clipped;
+      [0, 1], clipped (MONAI ``ScaleIntensityRange``);
     - MR: the `mr_percentiles` percentiles (default 0th and 99th) linearly to [0, 1], clipped (MR has no absolute
-      scale, and the 99th percentile ignores the few brightest voxels).
+      scale, and the 99th percentile ignores the few brightest voxels; MONAI ``ScaleIntensityRangePercentiles``).
 
     `direction` says which image is CT: ``ct2mri`` = moving CT, fixed MR; ``mri2ct`` = moving MR, fixed CT.
+    Source: Xu et al., "F3RNet: Full-Resolution Residual Registration Network for Multimodal Image Registration",
+    Section 3.1 names "intensity normalization" among the standard preprocessing steps without details; the
+    windows are this bundle's choice.
+
+    Args:
+        direction: ``"ct2mri"`` or ``"mri2ct"``.
+        moving_key: key of the moving image [C, D, H, W].
+        fixed_key: key of the fixed image [C, D, H, W].
+        ct_window: the CT window ``(lo, hi)`` in HU mapped to [0, 1].
+        mr_percentiles: the MR percentiles ``(lo, hi)`` (0-100) mapped to [0, 1].
+        allow_missing_keys: don't raise an exception when a key is missing.
+
+    Raises:
+        BundleInputError: (a ``ValueError``) for an unknown ``direction``.
+        ValueError: when ``ct_window`` is not increasing or ``mr_percentiles`` is not ``0 <= lo < hi <= 100``.
     """
 
-    def __init__(self, direction: str, moving_key: str = "moving_image", fixed_key: str = "fixed_image",
-                 ct_window: Sequence[float] = (-300.0, 500.0), mr_percentiles: Sequence[float] = (0.0, 99.0),
-                 allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        direction: str,
+        moving_key: str = "moving_image",
+        fixed_key: str = "fixed_image",
+        ct_window: Sequence[float] = (-300.0, 500.0),
+        mr_percentiles: Sequence[float] = (0.0, 99.0),
+        allow_missing_keys: bool = False,
+    ) -> None:
         super().__init__([moving_key, fixed_key], allow_missing_keys)
         self.direction = check_direction(direction)
         lo, hi = (float(v) for v in ct_window)
         p_lo, p_hi = (float(v) for v in mr_percentiles)
         if not hi > lo or not 0 <= p_lo < p_hi <= 100:
-            raise ValueError(f"need ct_window lo < hi and 0 <= mr_percentiles lo < hi <= 100, got {ct_window}, "
-                             f"{mr_percentiles}")
+            raise ValueError(
+                f"need ct_window lo < hi and 0 <= mr_percentiles lo < hi <= 100, got {ct_window}, {mr_percentiles}"
+            )
         ct = ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)
         mr = ScaleIntensityRangePercentiles(lower=p_lo, upper=p_hi, b_min=0.0, b_max=1.0, clip=True)
         role = MODALITIES[self.direction]
-        self.normalizers = {moving_key: ct if role["moving"] == "ct" else mr,
-                            fixed_key: ct if role["fixed"] == "ct" else mr}
+        self.normalizers = {
+            moving_key: ct if role["moving"] == "ct" else mr,
+            fixed_key: ct if role["fixed"] == "ct" else mr,
+        }
 
     def __call__(self, data: Mapping) -> dict:
+        """
+        Args:
+            data: a dictionary holding the moving and fixed images under ``moving_key`` and ``fixed_key``.
+
+        Returns:
+            a shallow copy of ``data`` with both images as float32 in [0, 1] (CT from HU, MR from percentiles).
+
+        Raises:
+            KeyError: when an image is missing and ``allow_missing_keys`` is false.
+        """
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.normalizers[key](torch.as_tensor(d[key]).float())
@@ -51,9 +86,19 @@ class NormalizeCTMRd(MapTransform):
 
 
 class WarpMovingd(MapTransform):
-    """Warp `image_key` (bilinear, border padding) and, when present, `label_key` (nearest, zero padding) with
-    the DDF in `ddf_key` (voxel units, MONAI ``Warp`` convention), writing ``warped_<key>``; both outputs get the
-    DDF's metadata (the input grid and affine)."""
+    """
+    Warp `image_key` (bilinear, border padding) and, when present, `label_key` (nearest, zero padding, rounded to
+    uint8) with the DDF in `ddf_key` (voxel units, MONAI ``Warp`` convention), writing ``warped_<key>``; both
+    outputs get the DDF's metadata (the input grid and affine).
+
+    Source: the spatial transformer that warps ``I_m`` with ``phi`` (Xu et al., "F3RNet: Full-Resolution Residual
+    Registration Network for Multimodal Image Registration", Section 2.1), here MONAI ``Warp``.
+
+    Args:
+        ddf_key: key of the DDF [3, D, H, W] (voxels).
+        image_key: key of the moving image [C, D, H, W] on the DDF's grid (optional in the data).
+        label_key: key of the moving label map [1, D, H, W] on the DDF's grid (optional in the data).
+    """
 
     def __init__(self, ddf_key: str = "pred", image_key: str = "moving_raw", label_key: str = "moving_label"):
         super().__init__([image_key, label_key], allow_missing_keys=True)
@@ -62,6 +107,19 @@ class WarpMovingd(MapTransform):
         self.warp_label = Warp(mode="nearest", padding_mode="zeros")
 
     def __call__(self, data: Mapping) -> dict:
+        """
+        Args:
+            data: a dictionary holding the DDF [3, D, H, W] under ``ddf_key`` and, optionally, the moving image and
+                label under ``image_key`` and ``label_key``.
+
+        Returns:
+            a shallow copy of ``data`` with ``warped_<image_key>`` (float32 [C, D, H, W]) and
+            ``warped_<label_key>`` (uint8 [1, D, H, W]) for the keys present.
+
+        Raises:
+            KeyError: when ``ddf_key`` is missing.
+            ValueError: when an image's spatial size differs from the DDF's (raised by MONAI's ``Warp``).
+        """
         d = dict(data)
         ddf = d[self.ddf_key]
         plain_ddf = torch.as_tensor(ddf).as_subclass(torch.Tensor)[None].float()

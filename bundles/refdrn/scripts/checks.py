@@ -1,59 +1,31 @@
-"""Early, explicit checks of user input (GUIDE §2): one clear message naming the file and the problem,
-before anything is written."""
+"""Early, explicit checks of the registration pairs a user gives the bundle: one clear message naming the
+file and the problem, before anything is written. The checks every bundle shares live in `common`."""
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-from monai.data import load_decathlon_datalist
+
+from .common import (  # noqa: F401  (re-exported: configs and tests use scripts.checks.*)
+    BundleInputError,
+    check_weights,
+    checked_state,
+    config_flag,
+    load_checked_weights,
+    load_datalist,
+    volume_header,
+)
+
+DATA_HINT = "Run `python tools/make_brain_pairs.py` for the sample pairs."
 
 
-class BundleInputError(ValueError):
-    """Invalid user input; the message names the file and what is wrong with it."""
-
-
-def load_datalist(datalist: str, dataset_dir: str, section: str) -> list[dict]:
-    if not os.path.isfile(datalist):
-        raise BundleInputError(f"datalist not found: {datalist}. Run `python tools/make_brain_pairs.py` for the "
-                               f"sample pairs, or pass --datalist <your.json> --dataset_dir <folder>.")
-    try:
-        content = json.loads(Path(datalist).read_text())
-    except json.JSONDecodeError as e:
-        raise BundleInputError(f"datalist {datalist} is not valid JSON: {e}") from None
-    if not content.get(section):
-        raise BundleInputError(f"datalist {datalist} has no items in its '{section}' list")
-    return load_decathlon_datalist(datalist, is_segmentation=False, data_list_key=section, base_dir=dataset_dir)
-
-
-def volume_header(path: str, min_size: int | Sequence[int] = 1, check_values: bool = True) -> nib.spatialimages.SpatialImage:
-    """Check that `path` is a readable single-channel 3D volume of finite values at least `min_size`."""
-    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
-        raise BundleInputError(f"{path}: file not found")
-    try:
-        img = nib.load(str(path))
-    except Exception as e:  # nibabel raises several types for unreadable files
-        raise BundleInputError(f"{path}: not a readable NIfTI/Analyze image ({e})") from None
-    shape = tuple(int(s) for s in img.shape)
-    spatial = shape[:3] if len(shape) > 3 and all(s == 1 for s in shape[3:]) else shape
-    if len(spatial) != 3:
-        raise BundleInputError(f"{path}: expected a 3D volume, got shape {shape}")
-    mins = [min_size] * 3 if np.isscalar(min_size) else list(min_size)
-    if any(s < m for s, m in zip(spatial, mins)):
-        raise BundleInputError(f"{path}: shape {spatial} is smaller than the minimum {tuple(mins)} for this network")
-    if check_values:
-        data = np.asanyarray(img.dataobj)
-        if not np.all(np.isfinite(data)):
-            raise BundleInputError(f"{path}: contains NaN or infinite values ({int((~np.isfinite(data)).sum())} voxels)")
-    return img
-
-
-def check_pairs(items: list[dict], min_size: int | Sequence[int] = 1, require_labels: bool = False,
-                labels_on_image_grid: bool = True) -> list[dict]:
+def check_pairs(
+    items: list[dict],
+    min_size: int | Sequence[int] = 1,
+    require_labels: bool = False,
+    labels_on_image_grid: bool = True,
+) -> list[dict]:
     """Check every pair: both images (and labels when present) readable 3D volumes on the same grid.
     With `labels_on_image_grid` false (inference on LR images), labels may be on another grid."""
     for item in items:
@@ -66,7 +38,8 @@ def check_pairs(items: list[dict], min_size: int | Sequence[int] = 1, require_la
             raise BundleInputError(
                 f"{item['moving_image']}: grid {moving.shape[:3]} does not match the fixed image "
                 f"{item['fixed_image']} {fixed.shape[:3]}; resample the pair onto one grid (after affine "
-                f"pre-alignment) first")
+                f"pre-alignment) first"
+            )
         for key, ref in (("fixed_label", fixed), ("moving_label", moving)):
             if key not in item:
                 if require_labels:
@@ -74,32 +47,21 @@ def check_pairs(items: list[dict], min_size: int | Sequence[int] = 1, require_la
                 continue
             label = volume_header(item[key], 1)
             if labels_on_image_grid and label.shape[:3] != ref.shape[:3]:
-                raise BundleInputError(f"{item[key]}: label grid {label.shape[:3]} does not match its image {ref.shape[:3]}")
+                raise BundleInputError(
+                    f"{item[key]}: label grid {label.shape[:3]} does not match its image {ref.shape[:3]}"
+                )
     return items
 
 
-def checked_pairs(datalist: str, dataset_dir: str, section: str, min_size: int | Sequence[int] = 1,
-                  require_labels: bool = False, labels_on_image_grid: bool = True) -> list[dict]:
+def checked_pairs(
+    datalist: str,
+    dataset_dir: str,
+    section: str,
+    min_size: int | Sequence[int] = 1,
+    require_labels: bool = False,
+    labels_on_image_grid: bool = True,
+) -> list[dict]:
     """`load_datalist` + `check_pairs`, as one callable for configs (``_target_``)."""
-    return check_pairs(load_datalist(datalist, dataset_dir, section), min_size, require_labels, labels_on_image_grid)
-
-
-def check_weights(path: str, network) -> str:
-    """Check that `path` holds a state dict that fits `network` exactly (keys and shapes)."""
-    import torch
-
-    if not os.path.isfile(path):
-        raise BundleInputError(f"{path}: weights file not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BundleInputError(f"{path}: not a loadable PyTorch state dict ({e})") from None
-    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()} if isinstance(state, dict) else {}
-    if expected != found:
-        missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-        raise BundleInputError(f"{path}: weights do not match the configured network ({len(missing)} missing, "
-                               f"{len(unexpected)} unexpected, {len(wrong)} of wrong shape"
-                               + (f", e.g. {(missing + unexpected + wrong)[0]}" if missing or unexpected or wrong else "") + ")")
-    return path
+    return check_pairs(
+        load_datalist(datalist, dataset_dir, section, DATA_HINT), min_size, require_labels, labels_on_image_grid
+    )

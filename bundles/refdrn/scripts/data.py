@@ -1,4 +1,9 @@
-"""Pair transforms: the paper's down-up degradation and the frozen REM applied once per volume."""
+"""Pair transforms: the paper's down-up degradation and the frozen REM applied once per volume.
+
+Source: K. Sun and S. Simon, "A Resolution Enhancement Plug-in for Deformable Registration of Medical Images",
+Section IV-D (LR inputs: trilinear downscaling by 1/2 or 1/4, then trilinear upscaling back to the image
+dimension) and Section IV-B.2 (REM is pretrained and frozen inside the cascade).
+"""
 
 from __future__ import annotations
 
@@ -13,8 +18,24 @@ from monai.transforms import MapTransform
 
 
 def degrade(volume: torch.Tensor, scale: float) -> torch.Tensor:
-    """[C, D, H, W] -> trilinear down by 1/scale -> trilinear up to the same grid (align_corners=False,
-    the grid REM was trained on). scale 1 returns a copy."""
+    """
+    The "down-up" degradation: trilinear downscaling by ``1 / scale``, then trilinear upscaling to the same grid
+    (``align_corners=False``, the grid REM was trained on).
+
+    Source: Sun & Simon, "A Resolution Enhancement Plug-in for Deformable Registration of Medical Images",
+    Section IV-D.
+
+    Args:
+        volume: the high-resolution volume, channel first, in shape [C, D, H, W].
+        scale: the downscaling factor (2 or 4 in the paper); 1 returns a copy.
+
+    Returns:
+        the degraded float32 volume on the input grid, [C, D, H, W].
+
+    Raises:
+        NotImplementedError: when ``scale != 1`` and ``volume`` is not 4-dimensional (raised by
+            ``torch.nn.functional.interpolate``).
+    """
     x = torch.as_tensor(volume).as_subclass(torch.Tensor).float()[None]
     if scale == 1:
         return x[0].clone()
@@ -28,13 +49,32 @@ def _like(out: torch.Tensor, ref) -> torch.Tensor:
 
 
 class DegradePaird(MapTransform):
-    """Write the down-up degraded copy of each key to ``<key>_lr`` (the HR volume stays under `key`)."""
+    """
+    Write the down-up degraded copy (:func:`degrade`) of each key to ``<key>_lr`` (the HR volume stays under
+    `key`; the copy keeps its metadata, it lies on the same grid).
+
+    Args:
+        keys: the key(s) of the HR volumes [C, D, H, W] (moving and fixed image).
+        scale: the downscaling factor.
+        allow_missing_keys: don't raise an exception when a key is missing.
+    """
 
     def __init__(self, keys: KeysCollection, scale: float = 4, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
         self.scale = float(scale)
 
     def __call__(self, data: Mapping) -> dict:
+        """
+        Args:
+            data: a dictionary holding the HR volume(s) [C, D, H, W] under ``keys``.
+
+        Returns:
+            a shallow copy of ``data`` with ``<key>_lr`` added for each key, [C, D, H, W].
+
+        Raises:
+            KeyError: when a key is missing and ``allow_missing_keys`` is false.
+            NotImplementedError: when a volume is not 4-dimensional (and ``scale != 1``).
+        """
         d = dict(data)
         for key in self.key_iterator(d):
             d[f"{key}_lr"] = _like(degrade(d[key], self.scale), d[key])
@@ -42,14 +82,31 @@ class DegradePaird(MapTransform):
 
 
 class EnhancePaird(MapTransform):
-    """Write REM(`key`) to `out_keys` with the frozen REM (a copy when REM is None: the identity).
+    """
+    Write REM(`key`) to `out_keys` with the frozen REM (a copy when REM is None: the identity).
 
     Placed before the random crop in training so `CacheDataset` runs REM once per volume rather than
-    once per step; REM is frozen, so this is exactly the cascade's first stage.
+    once per step; REM is frozen, so this is exactly the cascade's first stage (``y = REM(x)`` of Eq. (2) in
+    Sun & Simon, "A Resolution Enhancement Plug-in for Deformable Registration of Medical Images", Section III-B).
+    REM runs with MONAI's ``SlidingWindowInferer`` (Gaussian blending, overlap 0.25) on REM's device, under
+    ``torch.no_grad``; volumes are cached by file name, so an image shared by several pairs is enhanced once.
+
+    Args:
+        keys: the key(s) of the trilinear-upsampled LR volumes [1, D, H, W].
+        out_keys: the output key for each of ``keys``, in the same order.
+        rem: the frozen REM (``scripts.rem_loader.load_rem``), or ``None`` for the identity.
+        roi_size: the sliding-window size in voxels.
+        allow_missing_keys: don't raise an exception when a key is missing.
     """
 
-    def __init__(self, keys: KeysCollection, out_keys: Sequence[str], rem: torch.nn.Module | None,
-                 roi_size: Sequence[int] = (96, 96, 96), allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        out_keys: Sequence[str],
+        rem: torch.nn.Module | None,
+        roi_size: Sequence[int] = (96, 96, 96),
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.out_keys = list(out_keys)
         self.rem = rem
@@ -58,6 +115,17 @@ class EnhancePaird(MapTransform):
 
     @torch.no_grad()
     def __call__(self, data: Mapping) -> dict:
+        """
+        Args:
+            data: a dictionary holding the LR volume(s) [1, D, H, W] under ``keys``.
+
+        Returns:
+            a shallow copy of ``data`` with the SR volume [1, D, H, W] (float32, on the CPU, with the input's
+            metadata) under each of ``out_keys``.
+
+        Raises:
+            KeyError: when a key is missing and ``allow_missing_keys`` is false.
+        """
         d = dict(data)
         for key, out_key in zip(self.key_iterator(d), self.out_keys):
             name = str(getattr(d[key], "meta", {}).get("filename_or_obj", "")) or None

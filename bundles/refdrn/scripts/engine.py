@@ -2,31 +2,52 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 from ignite.engine import Engine
-from ignite.handlers import ProgressBar
 from ignite.metrics import Average
 from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
 from monai.networks.blocks import Warp
 
+from .common import backward_and_step, unwrap
 from .metrics import mean_label_dice
 
 
-def unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    return network.module if hasattr(network, "module") else network
+def _device_type(device: torch.device | str) -> str:
+    """``"cuda"``, ``"cpu"``, ... of a device (a separate function so that tests can mock a CUDA device)."""
+    return torch.device(device).type
+
+
+def _amp(engine: Engine, device: torch.device | str) -> bool:
+    """Mixed precision is on when the engine was built with ``amp=True`` and the device is CUDA (never on CPU)."""
+    return bool(getattr(engine, "amp", False)) and _device_type(device) == "cuda"
+
+
+def _float(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.float()
 
 
 class RegistrationTrainStep:
-    """One optimisation step on a (cropped) pair.
+    """
+    One ReFDRN optimisation step on a (cropped) pair, as the ``iteration_update`` of MONAI's ``SupervisedTrainer``.
 
     The batch holds the trilinear-upsampled LR images (``moving_image_lr``, ``fixed_image_lr``) and REM's
     outputs on them (``moving_sr``, ``fixed_sr``, computed once per volume by `EnhancePaird`). The network
     gets the SR pair (``precomputed_sr=True``, through DDP when wrapped); the loss applies REM again to the
     warped LR moving image (L_aux), so gradients flow through the frozen REM.
+
+    With the trainer's ``amp`` on and a CUDA device, the network runs under ``torch.autocast`` and the loss in
+    float32 (its outputs are cast back), with the trainer's ``GradScaler`` (``engine.scaler``) when it has one; on
+    CPU, ``amp`` is ignored.
+
+    Source: the loss is Eq. (3) of K. Sun and S. Simon, "A Resolution Enhancement Plug-in for Deformable
+    Registration of Medical Images", Section III-B (see ``scripts.losses.ReFDRNLoss``); mixed precision follows
+    ``torch.autocast`` / ``torch.cuda.amp.GradScaler``.
+
+    Args:
+        loss_function: a ``scripts.losses.ReFDRNLoss`` (called with the DDF, the LR pair, the SR pair, the
+            auxiliary DDF and the iteration; returns a dict of scalar tensors with ``"loss"``).
+        grad_clip_norm: clip the gradient norm to this value; ``None`` or 0 disables clipping.
     """
 
     def __init__(self, loss_function: torch.nn.Module, grad_clip_norm: float | None = None) -> None:
@@ -34,34 +55,75 @@ class RegistrationTrainStep:
         self.grad_clip_norm = grad_clip_norm
 
     def __call__(self, engine: Engine, batch: dict) -> dict:
+        """
+        Args:
+            engine: the trainer; uses ``engine.state.device``, ``engine.state.iteration``, ``engine.network``,
+                ``engine.optimizer``, ``engine.amp`` and ``engine.scaler``.
+            batch: a dict with ``moving_image_lr``, ``fixed_image_lr`` (trilinear-upsampled LR images) and
+                ``moving_sr``, ``fixed_sr`` (their REM outputs), each in shape [B, 1, D, H, W].
+
+        Returns:
+            the loss components as Python floats: ``loss``, ``main``, ``aux``, ``reg``, ``aux_ddf_loss`` and
+            ``aux_ddf_weight`` (see ``ReFDRNLoss.forward``).
+
+        Raises:
+            KeyError: when one of the batch keys is missing.
+        """
         device = engine.state.device
         take = lambda key: torch.as_tensor(batch[key]).as_subclass(torch.Tensor).to(device)  # noqa: E731
         moving, fixed = take("moving_image_lr"), take("fixed_image_lr")
         sr_pair = torch.cat([take("moving_sr"), take("fixed_sr")], dim=1)
+        use_amp = _amp(engine, device)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=True)
-        out = engine.network(sr_pair, precomputed_sr=True, return_dict=True)
-        losses = self.loss_function(out["ddf"], moving, fixed, out["sr_moving"], out["sr_fixed"],
-                                    aux_ddf=out.get("aux_ddf"), iteration=engine.state.iteration)
-        losses["loss"].backward()
-        if self.grad_clip_norm:
-            torch.nn.utils.clip_grad_norm_(engine.network.parameters(), self.grad_clip_norm)
-        engine.optimizer.step()
+        with torch.autocast(device_type=_device_type(device), enabled=use_amp):
+            # through the trainer's inferer (train#inferer), so a config or MONAI Label can swap it
+            out = engine.inferer(sr_pair, engine.network, precomputed_sr=True, return_dict=True)
+        losses = self.loss_function(
+            _float(out["ddf"]),
+            moving,
+            fixed,
+            _float(out["sr_moving"]),
+            _float(out["sr_fixed"]),
+            aux_ddf=_float(out.get("aux_ddf")),
+            iteration=engine.state.iteration,
+        )
+        backward_and_step(engine, losses["loss"], self.grad_clip_norm, use_amp)
         return {k: float(v.detach()) for k, v in losses.items()}
 
 
 class RegistrationEvalStep:
-    """Full-volume registration of one pair; returns the label Dice of the warped moving label."""
+    """
+    Validation on one full-volume pair, as the ``iteration_update`` of MONAI's ``SupervisedEvaluator``: the cascade
+    predicts the DDF, the moving label is warped with it (nearest neighbour, zero padding; MONAI ``Warp``) and the
+    mean label Dice against the fixed label is returned. With the evaluator's ``amp`` on a CUDA device the network
+    runs under ``torch.autocast``.
+    """
 
     def __init__(self) -> None:
         self.warp_label = Warp(mode="nearest", padding_mode="zeros")
 
     @torch.no_grad()
     def __call__(self, engine: Engine, batch: dict) -> dict:
+        """
+        Args:
+            engine: the evaluator; uses ``engine.state.device``, ``engine.network`` and ``engine.amp``.
+            batch: a dict with ``moving_image_lr``, ``fixed_image_lr`` (trilinear-upsampled LR images) and
+                ``moving_label``, ``fixed_label`` (label maps), each in shape [1, 1, D, H, W] (batch size 1).
+
+        Returns:
+            ``{"dice": float}``: the mean Dice over the labels of the warped moving and the fixed label map.
+
+        Raises:
+            KeyError: when one of the batch keys is missing.
+        """
         device = engine.state.device
-        pair = torch.cat([batch["moving_image_lr"], batch["fixed_image_lr"]], dim=1).as_subclass(torch.Tensor).to(device)
+        pair = torch.cat([batch["moving_image_lr"], batch["fixed_image_lr"]], dim=1)
+        pair = pair.as_subclass(torch.Tensor).to(device)
         engine.network.eval()
-        ddf = unwrap(engine.network)(pair)
+        with torch.autocast(device_type=_device_type(device), enabled=_amp(engine, device)):
+            ddf = unwrap(engine.network)(pair)
+        ddf = ddf.float()
         warped = self.warp_label(batch["moving_label"].as_subclass(torch.Tensor).float().to(device), ddf)
         dice = mean_label_dice(warped[0, 0].cpu(), batch["fixed_label"][0, 0].as_subclass(torch.Tensor))
         return {"dice": dice}
@@ -72,56 +134,42 @@ def output_average(key: str) -> Average:
     return Average(output_transform=lambda output: output[key])
 
 
-class ProgressBarHandler:
-    """Ignite's progress bar with the running loss; MONAI engines call ``attach(engine)``."""
-
-    def attach(self, engine: Engine) -> None:
-        ProgressBar(persist=False).attach(
-            engine, output_transform=lambda o: {"loss": o["loss"]} if isinstance(o, dict) and "loss" in o else None)
-
-
 def loss_output(key: str = "loss"):
     """output_transform for StatsHandler / TensorBoardStatsHandler."""
     return lambda output: output[key]
 
 
-class StepDecayWithFloor:
-    """LambdaLR factor ``gamma ** (iteration // step)``, never below ``min_lr / base_lr`` (the paper's schedule:
-    2e-3 x 0.9 every 1000 iterations down to 1e-4). A class, so the scheduler state can be checkpointed."""
-
-    def __init__(self, base_lr: float, gamma: float, step: int, min_lr: float) -> None:
-        if step < 1 or not 0 < gamma <= 1 or base_lr <= 0:
-            raise ValueError("StepDecayWithFloor needs step >= 1, 0 < gamma <= 1 and base_lr > 0")
-        self.base_lr, self.gamma, self.step, self.min_lr = base_lr, gamma, step, min_lr
-
-    def __call__(self, iteration: int) -> float:
-        return max(self.gamma ** (iteration // self.step), self.min_lr / self.base_lr)
-
-
-def save_state_dict_on_cpu(path: str, export_path: str | None = None) -> None:
-    """Re-save a checkpoint as a plain state dict of CPU tensors (atomic), if it exists, in place or as
-    `export_path` (e.g. models/backbone_x4.pt for the "backbone↓↑" row of evaluate.json)."""
-    if not os.path.isfile(path):
-        return
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    target = Path(export_path or path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".partial-{target.name}")
-    torch.save(state, tmp)
-    os.replace(tmp, target)
-
-
 class RegistrationInferStep:
-    """Inference iteration: the cascade runs once on the stacked LR pair ``image`` and returns the DDF as
-    ``pred`` plus both SR images, so postprocessing can save them without running REM again."""
+    """
+    Inference iteration, as the ``iteration_update`` of MONAI's ``SupervisedEvaluator``: the cascade runs once on
+    the stacked LR pair ``image`` and returns the DDF as ``pred`` plus both SR images, so postprocessing can save
+    them without running REM again. With the evaluator's ``amp`` on a CUDA device the cascade runs under
+    ``torch.autocast`` (outputs are cast back to float32).
+    """
 
     @torch.no_grad()
     def __call__(self, engine: Engine, batch: dict) -> dict:
+        """
+        Args:
+            engine: the evaluator; uses ``engine.state.device``, ``engine.network`` and ``engine.amp``, and fires
+                ``FORWARD_COMPLETED`` and ``MODEL_COMPLETED`` (MONAI's decollation and postprocessing).
+            batch: a dict with ``image``, a MetaTensor [B, 2, D, H, W] (trilinear-upsampled LR moving and fixed
+                images stacked as channels).
+
+        Returns:
+            ``engine.state.output``: ``{"pred": DDF [B, 3, D, H, W] in voxels, "sr_moving": [B, 1, D, H, W],
+            "sr_fixed": [B, 1, D, H, W]}``, batched MetaTensors carrying the input's metadata (grid and affine).
+
+        Raises:
+            KeyError: when ``image`` is missing from the batch.
+            ValueError: when ``image`` is not in shape [B, 2, D, H, W] (raised by the cascade).
+        """
         image = batch["image"]
+        device = engine.state.device
         engine.network.eval()
-        out = unwrap(engine.network)(torch.as_tensor(image).as_subclass(torch.Tensor).to(engine.state.device),
-                                     return_dict=True)
+        with torch.autocast(device_type=_device_type(device), enabled=_amp(engine, device)):
+            out = unwrap(engine.network)(torch.as_tensor(image).as_subclass(torch.Tensor).to(device), return_dict=True)
+        out = {k: v.float() for k, v in out.items()}
 
         def with_input_meta(x: torch.Tensor) -> MetaTensor:
             # outputs live on the input grid: give them its (batched) affine and file name
@@ -129,8 +177,10 @@ class RegistrationInferStep:
             wrapped.is_batch = True
             return wrapped
 
-        engine.state.output = {k: with_input_meta(out[v]) for k, v in
-                               (("pred", "ddf"), ("sr_moving", "sr_moving"), ("sr_fixed", "sr_fixed"))}
+        engine.state.output = {
+            k: with_input_meta(out[v])
+            for k, v in (("pred", "ddf"), ("sr_moving", "sr_moving"), ("sr_fixed", "sr_fixed"))
+        }
         # MONAI's decollation and postprocessing run on this event (its default iteration fires it)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)

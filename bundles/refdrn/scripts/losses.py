@@ -1,6 +1,12 @@
-"""ReFDRN losses (Sun & Simon, papers/000, eqs. (3)-(6)).
+"""ReFDRN losses.
 
-``L_total = L_main + lambda1 * L_aux + lambda2 * L_reg`` (+ optionally FDRN's decaying coarse-DVF term):
+Source: K. Sun and S. Simon, "A Resolution Enhancement Plug-in for Deformable Registration of Medical Images",
+Section III-B, Eqs. (3)-(6); weights lambda1 = 10 and lambda2 = 1e-8 from Section IV-B.2. The optional coarse term
+is the auxiliary loss of FDRN (K. Sun and S. Simon, "FDRN: A fast deformable registration network for medical
+images", Med. Phys. 48(10), 2021). The papers call the displacement field a "DVF" (displacement vector field); it
+is called DDF here, as in MONAI, where DVF denotes a velocity field.
+
+``L_total = L_main + lambda1 * L_aux + lambda2 * L_reg`` (+ optionally FDRN's decaying coarse-DDF term):
 
 - ``L_main = -LNCC(phi o REM(M_LR), REM(F_LR))`` (eq. 4): MONAI's ``LocalNormalizedCrossCorrelationLoss``, which
   already returns the *negative* (squared, as in VoxelMorph) local NCC averaged over voxels, so it is used as is.
@@ -10,11 +16,11 @@
   gradient reaches the DDF through REM. ``torch.nn.HuberLoss`` with mean reduction; ``huber_delta`` defaults to
   0.1, the delta REM itself is trained with in the ``rem_sr`` bundle (the paper does not give it).
 - ``L_reg = sum_{m in {0,1}^3, m != 0} ||z - S_m z||_2^2`` (eq. 5): see :class:`ShiftSmoothnessLoss`.
-- Optional coarse-DVF term (FDRN's deep supervision at the bottom layer): ``w(it) * -LNCC(aux_ddf o
-  pool(REM(M_LR)), pool(REM(F_LR)))`` on the coarse grid of the auxiliary DVF, with ``w(it) = aux_dvf_weight *
-  aux_dvf_decay ** iteration``. ``pool`` is adaptive average pooling onto the auxiliary grid (exactly the
-  2**L x 2**L x 2**L cell average when the size is a multiple of 2**L), and the aux DVF is in coarse-grid voxel
-  units. Off by default (``aux_dvf_weight=0``): eq. (3) of ReFDRN does not have it.
+- Optional coarse-DDF term (FDRN's deep supervision at the bottom layer): ``w(it) * -LNCC(aux_ddf o
+  pool(REM(M_LR)), pool(REM(F_LR)))`` on the coarse grid of the auxiliary DDF, with ``w(it) = aux_ddf_weight *
+  aux_ddf_decay ** iteration``. ``pool`` is adaptive average pooling onto the auxiliary grid (exactly the
+  2**L x 2**L x 2**L cell average when the size is a multiple of 2**L), and the aux DDF is in coarse-grid voxel
+  units. Off by default (``aux_ddf_weight=0``): Eq. (3) of ReFDRN does not have it.
 
 All warping uses ``monai.networks.blocks.Warp`` (bilinear, ``border`` padding by default: MONAI's default).
 """
@@ -36,7 +42,11 @@ SHIFTS: tuple[tuple[int, int, int], ...] = tuple(m for m in itertools.product((0
 
 
 class ShiftSmoothnessLoss(nn.Module):
-    """``L_reg = sum over the 7 non-zero m in {0,1}^3 of ||z - S_m z||_2^2`` (eq. 5 of the paper).
+    """
+    Shift smoothness regulariser of a DDF: ``L_reg = sum over the 7 non-zero m in {0,1}^3 of ||z - S_m z||_2^2``.
+
+    Source: K. Sun and S. Simon, "A Resolution Enhancement Plug-in for Deformable Registration of Medical Images",
+    Section III-B, Eq. (5) (taken over from FDRN).
 
     ``S_m`` shifts the field by ``m`` voxels along (D, H, W). The difference is only taken where it is defined:
     the field is *cropped* (``z[..., u:, v:, w:] - z[..., :-u, :-v, :-w]``), not wrapped around (no periodic
@@ -48,6 +58,9 @@ class ShiftSmoothnessLoss(nn.Module):
             weight is as small as lambda2 = 1e-8 (the sum over ~5.9M voxels x 3 components x 7 shifts is large).
             ``"mean"`` divides each shift's sum by its number of elements (then sums over the 7 shifts), which
             makes the value independent of the image size, but then lambda2 must be retuned.
+
+    Raises:
+        ValueError: when ``reduction`` is not ``"sum"`` or ``"mean"``.
     """
 
     def __init__(self, reduction: str = "sum") -> None:
@@ -57,6 +70,16 @@ class ShiftSmoothnessLoss(nn.Module):
         self.reduction = reduction
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            z: the DDF in shape [B, 3, D, H, W] (voxels; any number of channels is accepted).
+
+        Returns:
+            the scalar regulariser (squared voxels; summed, or averaged per shift with ``reduction="mean"``).
+
+        Raises:
+            ValueError: when ``z`` is not 5-dimensional.
+        """
         if z.ndim != 5:
             raise ValueError(f"expected a field [B, C, D, H, W], got {tuple(z.shape)}")
         total = z.new_zeros(())
@@ -69,7 +92,14 @@ class ShiftSmoothnessLoss(nn.Module):
 
 
 class ReFDRNLoss(nn.Module):
-    """``L_main + lambda1 * L_aux + lambda2 * L_reg`` (+ optional decaying coarse-DVF term), see module docstring.
+    """
+    The ReFDRN training loss ``L_main + lambda1 * L_aux + lambda2 * L_reg`` (+ optional decaying coarse-DDF term).
+
+    Source: K. Sun and S. Simon, "A Resolution Enhancement Plug-in for Deformable Registration of Medical Images",
+    Section III-B, Eq. (3) (total), Eq. (4) (``L_main``, MONAI ``LocalNormalizedCrossCorrelationLoss``), Eq. (5)
+    (``L_reg``, :class:`ShiftSmoothnessLoss`) and Eq. (6) (``L_aux``, Huber); the coarse term is FDRN's auxiliary
+    loss (Sun & Simon, "FDRN: A fast deformable registration network for medical images", Med. Phys. 2021). See
+    the module docstring for the details.
 
     Args:
         rem: the frozen REM (the same module as the cascade's); ``None`` is the identity. Its parameters are set
@@ -79,15 +109,21 @@ class ReFDRNLoss(nn.Module):
         kernel_size: LNCC window (odd).
         huber_delta: delta of the Huber loss in ``L_aux``.
         reg_reduction: reduction of :class:`ShiftSmoothnessLoss` (``"sum"`` as in the paper).
-        aux_dvf_weight, aux_dvf_decay: coarse-DVF term weight ``aux_dvf_weight * aux_dvf_decay ** iteration``.
-        aux_dvf_kernel_size: LNCC window on the coarse grid.
-        warp_mode, warp_padding: ``monai.networks.blocks.Warp`` interpolation and padding modes.
+        aux_ddf_weight: initial weight of the coarse-DDF term (0 switches it off).
+        aux_ddf_decay: per-iteration decay of that weight: ``aux_ddf_weight * aux_ddf_decay ** iteration``.
+        aux_ddf_kernel_size: LNCC window on the coarse grid (odd, voxels of the coarse grid).
+        warp_mode: ``monai.networks.blocks.Warp`` interpolation mode.
+        warp_padding: ``monai.networks.blocks.Warp`` padding mode.
 
     ``forward(ddf, moving, fixed, sr_moving=None, sr_fixed=None, aux_ddf=None, iteration=0)`` takes the DDF on the
     HR grid, the (trilinear-upsampled) LR images ``M_LR``/``F_LR`` on the same grid, optionally the SR images
     already computed by the cascade (``REM(M_LR)``, ``REM(F_LR)``; recomputed otherwise) and the auxiliary coarse
-    DVF. It returns a dict of tensors: ``loss`` (the total), ``main``, ``aux``, ``reg`` (unweighted components),
-    ``aux_dvf`` (the unweighted coarse term) and ``aux_dvf_weight`` (its current weight).
+    DDF. It returns a dict of tensors: ``loss`` (the total), ``main``, ``aux``, ``reg`` (unweighted components),
+    ``aux_ddf_loss`` (the unweighted coarse term) and ``aux_ddf_weight`` (its current weight).
+
+    Raises:
+        ValueError: when ``reg_reduction`` is not ``"sum"`` or ``"mean"``, or an LNCC window is even (raised by
+            MONAI's ``LocalNormalizedCrossCorrelationLoss``).
     """
 
     def __init__(
@@ -98,9 +134,9 @@ class ReFDRNLoss(nn.Module):
         kernel_size: int = 9,
         huber_delta: float = 0.1,
         reg_reduction: str = "sum",
-        aux_dvf_weight: float = 0.0,
-        aux_dvf_decay: float = 0.999,
-        aux_dvf_kernel_size: int = 3,
+        aux_ddf_weight: float = 0.0,
+        aux_ddf_decay: float = 0.999,
+        aux_ddf_kernel_size: int = 3,
         warp_mode: str = "bilinear",
         warp_padding: str = "border",
     ) -> None:
@@ -111,30 +147,60 @@ class ReFDRNLoss(nn.Module):
             rem.eval()
         self.lambda1 = float(lambda1)
         self.lambda2 = float(lambda2)
-        self.aux_dvf_weight = float(aux_dvf_weight)
-        self.aux_dvf_decay = float(aux_dvf_decay)
+        self.aux_ddf_weight = float(aux_ddf_weight)
+        self.aux_ddf_decay = float(aux_ddf_decay)
         self.similarity = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=kernel_size)
-        self.coarse_similarity = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=aux_dvf_kernel_size)
+        self.coarse_similarity = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=aux_ddf_kernel_size)
         self.huber = nn.HuberLoss(delta=huber_delta)
         self.regularization = ShiftSmoothnessLoss(reduction=reg_reduction)
         self.warp = Warp(mode=warp_mode, padding_mode=warp_padding)
 
     @property
     def rem(self) -> nn.Module | None:
+        """
+        Returns:
+            the frozen REM (not a registered submodule), or ``None`` for the identity.
+        """
         return self._rem[0]
 
     def train(self, mode: bool = True) -> ReFDRNLoss:
+        """
+        Set the training mode of the loss; REM always stays in eval mode.
+
+        Args:
+            mode: training (true) or evaluation (false) mode.
+
+        Returns:
+            self.
+        """
         super().train(mode)
         if self.rem is not None:
             self.rem.eval()
         return self
 
     def enhance(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Apply the frozen REM, with gradients flowing through it.
+
+        Args:
+            x: images in shape [N, 1, D, H, W] (trilinear-upsampled LR, or warped LR for ``L_aux``).
+
+        Returns:
+            ``REM(x)``, same shape (``x`` itself when there is no REM).
+        """
         return x if self.rem is None else self.rem(x)
 
-    def dvf_weight(self, iteration: int) -> float:
-        """Current weight of the coarse-DVF term: ``aux_dvf_weight * aux_dvf_decay ** iteration``."""
-        return self.aux_dvf_weight * self.aux_dvf_decay ** max(int(iteration), 0)
+    def ddf_weight(self, iteration: int) -> float:
+        """
+        Current weight of the coarse-DDF term (FDRN's exponentially decaying auxiliary loss weight).
+
+        Args:
+            iteration: the training iteration (negative values count as 0).
+
+        Returns:
+            ``aux_ddf_weight * aux_ddf_decay ** iteration``.
+        """
+        return self.aux_ddf_weight * self.aux_ddf_decay ** max(int(iteration), 0)
 
     def forward(
         self,
@@ -146,6 +212,27 @@ class ReFDRNLoss(nn.Module):
         aux_ddf: torch.Tensor | None = None,
         iteration: int = 0,
     ) -> dict[str, torch.Tensor]:
+        """
+        Compute the loss and its components.
+
+        Args:
+            ddf: the predicted DDF on the HR grid, in shape [B, 3, D, H, W] (voxels, MONAI ``Warp`` convention).
+            moving: the trilinear-upsampled LR moving image ``M_LR`` [B, 1, D, H, W].
+            fixed: the trilinear-upsampled LR fixed image ``F_LR`` [B, 1, D, H, W].
+            sr_moving: ``REM(M_LR)`` [B, 1, D, H, W] if already computed (recomputed when ``None``).
+            sr_fixed: ``REM(F_LR)`` [B, 1, D, H, W] if already computed (recomputed when ``None``).
+            aux_ddf: the auxiliary coarse DDF [B, 3, d, h, w] in coarse-grid voxels, or ``None``.
+            iteration: the training iteration, for the decay of the coarse-DDF weight.
+
+        Returns:
+            a dict of scalar tensors: ``"loss"`` (the weighted total, to back-propagate), ``"main"`` (negative
+            LNCC, in [-1, 0]), ``"aux"`` (Huber, 0 when ``lambda1 == 0``), ``"reg"`` (Eq. (5), squared voxels),
+            ``"aux_ddf_loss"`` (unweighted coarse negative LNCC, 0 when off) and ``"aux_ddf_weight"`` (its weight).
+
+        Raises:
+            ValueError: when the shapes of ``ddf`` and the images do not match (raised by MONAI's ``Warp`` or LNCC)
+                or ``ddf`` is not 5-dimensional.
+        """
         if sr_moving is None:
             sr_moving = self.enhance(moving)
         if sr_fixed is None:
@@ -161,20 +248,20 @@ class ReFDRNLoss(nn.Module):
             aux = self.huber(self.enhance(self.warp(moving, ddf)), sr_fixed)
             total = total + self.lambda1 * aux
 
-        weight = self.dvf_weight(iteration)
-        aux_dvf = zero
+        weight = self.ddf_weight(iteration)
+        aux_ddf_loss = zero
         if aux_ddf is not None and weight > 0.0:
             size = aux_ddf.shape[2:]
             coarse_moving = F.adaptive_avg_pool3d(sr_moving, size)
             coarse_fixed = F.adaptive_avg_pool3d(sr_fixed, size)
-            aux_dvf = self.coarse_similarity(self.warp(coarse_moving, aux_ddf), coarse_fixed)
-            total = total + weight * aux_dvf
+            aux_ddf_loss = self.coarse_similarity(self.warp(coarse_moving, aux_ddf), coarse_fixed)
+            total = total + weight * aux_ddf_loss
 
         return {
             "loss": total,
             "main": main,
             "aux": aux,
             "reg": reg,
-            "aux_dvf": aux_dvf,
-            "aux_dvf_weight": ddf.new_tensor(weight),
+            "aux_ddf_loss": aux_ddf_loss,
+            "aux_ddf_weight": ddf.new_tensor(weight),
         }

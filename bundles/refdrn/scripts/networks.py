@@ -1,4 +1,11 @@
-"""Registration backbones and the REM cascade of ReFDRN / ReVoxelMorph (Sun & Simon, papers/000, section III-B).
+"""Registration backbones and the REM cascade of ReFDRN / ReVoxelMorph.
+
+Source: K. Sun and S. Simon, "A Resolution Enhancement Plug-in for Deformable Registration of Medical Images",
+Section III-B ("Cascaded Network"), Fig. 2 and Eq. (2).
+
+Naming: the papers call the registration output a "displacement vector field (DVF)". Here it is a *DDF* (dense
+displacement field), as in MONAI, where "DVF" is reserved for a (stationary) velocity field to be integrated by
+``monai.networks.blocks.DVF2DDF``. Nothing in this module predicts a velocity field.
 
 Everything here takes a moving/fixed pair stacked as two channels ``[B, 2, D, H, W]`` and returns a dense
 displacement field (DDF) ``[B, 3, D, H, W]`` in voxel units of the input grid, ordered like the spatial axes
@@ -9,7 +16,7 @@ FDRN
 FDRN (Sun & Simon, "FDRN: a fast deformable registration network for medical images", Med. Phys. 48(10), 2021)
 has no public code. Its abstract states: a compact encoder-decoder; *additive* forwarding instead of channel
 concatenation for the encoder-decoder skips; each encoder and decoder stage is deepened, with skip connections
-inside the stages for residual learning; an auxiliary loss on a DVF predicted at the bottom (lowest-resolution)
+inside the stages for residual learning; an auxiliary loss on a DDF predicted at the bottom (lowest-resolution)
 layer, weighted by an exponentially decaying factor (coarse-to-fine supervision). :class:`FDRN` builds exactly
 that; every other detail is our choice, listed here so that it can go into the model card:
 
@@ -21,7 +28,7 @@ that; every other detail is our choice, listed here so that it can go into the m
 - **Encoder stage l = 1..L.** Downsampling by a stride-2 3x3x3 conv ``c(l-1) -> cl`` + activation (learned
   downsampling rather than max-pooling), then ``num_res`` residual convs ``h = h + act(conv3x3x3(h))`` (one conv
   per residual unit, the same unit as REM Variant III of the same authors; the identity path stays linear).
-- **Bottom / auxiliary head.** A 3x3x3 conv ``cL -> 3`` on the coarsest features gives the auxiliary DVF. It is a
+- **Bottom / auxiliary head.** A 3x3x3 conv ``cL -> 3`` on the coarsest features gives the auxiliary DDF. It is a
   side output only (it is not fed back into the decoder), used by the decaying auxiliary loss. It is returned on
   the coarse grid and **in coarse-grid voxel units** (so ``Warp`` can use it directly on images average-pooled to
   that grid), cropped to ``ceil(size / 2**L)`` cells per axis when the input was padded.
@@ -29,9 +36,9 @@ that; every other detail is our choice, listed here so that it can go into the m
   a 3x3x3 conv ``c(l+1) -> cl`` + activation, **addition** of the encoder feature map of the same level (the
   additive skip; it needs equal widths, which the shared ``channels`` tuple guarantees), then ``num_res``
   residual convs for ``l >= 1``; at full resolution (``l = 0``) one plain conv ``c0 -> c0`` + activation instead.
-- **Flow head.** A 3x3x3 conv ``c0 -> 3``; weights drawn from N(0, ``init_std``) (default 1e-5, as VoxelMorph) and
-  zero bias, so the initial field is ~identity (``init_std=0`` gives an exactly zero field; then the first
-  optimiser step only moves the heads). The aux head uses the same initialisation.
+- **Flow head.** A 3x3x3 conv ``c0 -> 3`` (the DDF conv); weights drawn from N(0, ``init_std``) (default 1e-5,
+  as VoxelMorph) and zero bias, so the initial field is ~identity (``init_std=0`` gives an exactly zero field;
+  then the first optimiser step only moves the heads). The aux head uses the same initialisation.
 - **Activation / normalisation.** LeakyReLU(0.2) (VoxelMorph's slope); no normalisation layers (batch size 1).
 - **Padding.** Inputs whose size is not a multiple of ``2**L`` are zero-padded at the *end* of each axis (so the
   origin and the coarse cells stay aligned with the input grid) and the DDF is cropped back.
@@ -43,6 +50,8 @@ Default configuration: 592,998 parameters (``count_parameters(FDRN())``).
 
 VoxelMorph VM-2
 ---------------
+G. Balakrishnan, A. Zhao, M. R. Sabuncu, J. Guttag and A. V. Dalca, "VoxelMorph: A Learning Framework for Deformable
+Medical Image Registration", IEEE TMI 38(8), 2019, the second registration network of the paper's Section IV-D.
 :func:`voxelmorph_vm2` configures MONAI's ``VoxelMorphUNet`` with the original VM-2 widths (encoder 16, 32, 32,
 32; decoder 32, 32, 32, 32, 32, 16, 16; then the 16 -> 3 flow conv). In MONAI's pairwise ``channels`` notation this
 is ``channels=(16, 32, 32, 32, 32, 32, 32, 32)``, ``unet_out_channels=32``, ``final_conv_channels=(16, 16)``:
@@ -53,8 +62,9 @@ N(0, 1e-5) with zero bias as in VoxelMorph; inputs are padded to a multiple of 1
 
 Cascade
 -------
-:class:`RegistrationCascade` is eq. (2) of the paper: ``y = REM(x)`` applied to the moving and fixed images
-separately (stacked along the batch axis), the pair of SR images stacked as channels, then ``z = backbone(y~)``.
+:class:`RegistrationCascade` is Eq. (2) of the paper (Section III-B): ``y = REM(x)`` applied to the moving and fixed
+images separately (stacked along the batch axis), the pair of SR images stacked as channels, then
+``z = backbone(y~)``.
 REM is frozen (``requires_grad=False``) and kept in eval mode, but it is *not* run under ``torch.no_grad()``:
 gradients still flow through it (needed by the auxiliary loss ``Huber(REM(phi o M_LR), REM(F_LR))``).
 """
@@ -67,6 +77,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .common import count_parameters  # noqa: F401  (re-exported: parameter counts in docs and tests)
+
 __all__ = [
     "FDRN",
     "PaddedBackbone",
@@ -78,15 +90,20 @@ __all__ = [
 ]
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters of ``module`` (only those with ``requires_grad`` if ``trainable_only``)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Zero-pad the spatial axes of ``x`` ([B, C, *spatial]) at their end up to a multiple of ``multiple``.
+    """
+    Zero-pad the spatial axes of a batch at their end up to a multiple of ``multiple`` voxels.
 
-    Returns the padded tensor and the original spatial shape (to crop back with ``x[..., :d, :h, :w]``).
+    Padding only at the end keeps the origin (voxel 0) and the coarse cells of a ``multiple``-times downsampled grid
+    aligned with the input grid.
+
+    Args:
+        x: a batch in shape [B, C, *spatial] (e.g. [B, C, D, H, W]).
+        multiple: the size multiple in voxels (``2**levels`` of the backbone).
+
+    Returns:
+        the padded tensor [B, C, *padded_spatial] and the original spatial shape (to crop back with
+        ``x[..., :d, :h, :w]``).
     """
     spatial = tuple(int(s) for s in x.shape[2:])
     extra = [(-s) % multiple for s in spatial]
@@ -112,7 +129,18 @@ def _init_flow_conv(conv: nn.Conv3d, std: float) -> None:
 
 
 class ResidualConv(nn.Module):
-    """``h + act(conv3x3x3(h))``: one residual unit of an FDRN stage (width preserved)."""
+    """
+    One residual unit of an FDRN stage: ``h + LeakyReLU(conv3x3x3(h))`` (width and size preserved).
+
+    Source: the residual stages of FDRN (K. Sun and S. Simon, "FDRN: A fast deformable registration network for
+    medical images", Med. Phys. 48(10), 2021; no public code, see the module docstring); the unit is the one of
+    REM Variant III (Sun & Simon, "A Resolution Enhancement Plug-in for Deformable Registration of Medical Images",
+    Section III-A, Fig. 1).
+
+    Args:
+        channels: number of input and output channels.
+        negative_slope: LeakyReLU slope.
+    """
 
     def __init__(self, channels: int, negative_slope: float = 0.2) -> None:
         super().__init__()
@@ -120,6 +148,13 @@ class ResidualConv(nn.Module):
         self.act = nn.LeakyReLU(negative_slope)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: features in shape [B, channels, D, H, W].
+
+        Returns:
+            ``x + LeakyReLU(conv(x))``, same shape as ``x``.
+        """
         return x + self.act(self.conv(x))
 
 
@@ -128,18 +163,41 @@ def _conv_act(cin: int, cout: int, negative_slope: float, stride: int = 1) -> nn
 
 
 class FDRN(nn.Module):
-    """Compact encoder-decoder with additive skips, residual stages and a coarse auxiliary DVF head.
+    """
+    FDRN registration backbone: a compact encoder-decoder with additive skips, residual stages and a coarse auxiliary
+    DDF head, mapping a stacked moving/fixed pair to a dense displacement field (DDF) in voxels.
 
-    See the module docstring for every design choice.
+    Source: K. Sun and S. Simon, "FDRN: A fast deformable registration network for medical images", Med. Phys.
+    48(10), pp. 6453-6463, 2021 (no public code: the architecture follows the paper's abstract and every other
+    choice is listed in the module docstring); used as the registration network of ReFDRN in Sun & Simon, "A
+    Resolution Enhancement Plug-in for Deformable Registration of Medical Images", Section III-B and Fig. 2.
 
     Args:
         in_channels: channels of the stacked input pair (2: moving, fixed).
         channels: widths per resolution level, full resolution first; ``len(channels) - 1`` downsamplings.
         num_res: residual convs per encoder stage (levels >= 1) and per decoder stage (levels >= 1).
         negative_slope: LeakyReLU slope.
-        init_std: std of the normal init of the flow and aux heads (0 -> exactly zero initial field).
+        init_std: std of the normal init of the DDF and aux heads (0 -> exactly zero initial field).
         return_aux: default for ``forward(..., return_aux=None)``; when true, ``forward`` returns
-            ``(ddf, aux_ddf)`` with ``aux_ddf`` the coarse DVF in coarse-grid voxel units.
+            ``(ddf, aux_ddf)`` with ``aux_ddf`` the coarse DDF in coarse-grid voxel units.
+
+    Raises:
+        ValueError: when ``channels`` has fewer than two levels, a width is below 1 or ``num_res < 0``.
+
+    Example::
+
+        import torch
+        from monai.networks.blocks import Warp
+        from scripts.networks import FDRN
+
+        net = FDRN(channels=(16, 32, 32, 32, 32), num_res=2)   # 592,998 parameters
+        moving = torch.rand(1, 1, 40, 48, 40)
+        fixed = torch.rand(1, 1, 40, 48, 40)
+        pair = torch.cat([moving, fixed], dim=1)                # [1, 2, 40, 48, 40]
+        ddf, aux_ddf = net(pair, return_aux=True)               # padded to 48x48x48 inside, cropped back
+        assert ddf.shape == (1, 3, 40, 48, 40)                  # voxel units, channels along (D, H, W)
+        assert aux_ddf.shape == (1, 3, 3, 3, 3)                 # ceil(size / 16), coarse-grid voxel units
+        warped = Warp()(moving, ddf)                            # moving resampled onto the fixed grid
     """
 
     def __init__(
@@ -165,17 +223,21 @@ class FDRN(nn.Module):
 
         ns = negative_slope
         self.stem = _conv_act(self.in_channels, channels[0], ns)
-        self.down = nn.ModuleList(_conv_act(channels[i - 1], channels[i], ns, stride=2) for i in range(1, self.levels + 1))
+        self.down = nn.ModuleList(
+            _conv_act(channels[i - 1], channels[i], ns, stride=2) for i in range(1, self.levels + 1)
+        )
         self.enc_res = nn.ModuleList(
-            nn.Sequential(*(ResidualConv(channels[i], ns) for _ in range(self.num_res))) for i in range(1, self.levels + 1)
+            nn.Sequential(*(ResidualConv(channels[i], ns) for _ in range(self.num_res)))
+            for i in range(1, self.levels + 1)
         )
         self.aux_head = nn.Conv3d(channels[-1], 3, kernel_size=3, padding=1)
         # decoder, indexed by target level l = L-1 .. 0 (stored in that order)
-        self.up = nn.ModuleList(_conv_act(channels[l + 1], channels[l], ns) for l in reversed(range(self.levels)))
+        self.up = nn.ModuleList(_conv_act(channels[lv + 1], channels[lv], ns) for lv in reversed(range(self.levels)))
         self.dec_res = nn.ModuleList(
-            nn.Sequential(*(ResidualConv(channels[l], ns) for _ in range(self.num_res))) if l > 0
+            nn.Sequential(*(ResidualConv(channels[lv], ns) for _ in range(self.num_res)))
+            if lv > 0
             else _conv_act(channels[0], channels[0], ns)
-            for l in reversed(range(self.levels))
+            for lv in reversed(range(self.levels))
         )
         self.flow = nn.Conv3d(channels[0], 3, kernel_size=3, padding=1)
         _init_flow_conv(self.flow, init_std)
@@ -183,9 +245,29 @@ class FDRN(nn.Module):
 
     @property
     def size_multiple(self) -> int:
-        return 2 ** self.levels
+        """
+        Returns:
+            ``2**levels``: inputs are zero-padded to a multiple of this size (voxels) inside :meth:`forward`.
+        """
+        return 2**self.levels
 
     def forward(self, x: torch.Tensor, return_aux: bool | None = None):
+        """
+        Predict the DDF that warps the moving image (channel 0) onto the fixed image (channel 1).
+
+        Args:
+            x: the moving and fixed images stacked as channels, in shape [B, in_channels, D, H, W] (any size: it is
+                zero-padded at the end of each axis to a multiple of ``size_multiple`` and the outputs are cropped).
+            return_aux: also return the auxiliary coarse DDF; ``None`` uses the constructor's ``return_aux``.
+
+        Returns:
+            the DDF [B, 3, D, H, W] in voxels of the input grid, channel ``i`` along spatial axis ``i`` (MONAI
+            ``Warp`` convention); or, with ``return_aux``, the tuple ``(ddf, aux_ddf)`` where ``aux_ddf`` is
+            [B, 3, ceil(D / 2**L), ceil(H / 2**L), ceil(W / 2**L)] in voxels of that coarse grid.
+
+        Raises:
+            ValueError: when ``x`` is not 5-dimensional or does not have ``in_channels`` channels.
+        """
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"FDRN expects [B, {self.in_channels}, D, H, W], got {tuple(x.shape)}")
         want_aux = self.return_aux if return_aux is None else bool(return_aux)
@@ -209,7 +291,14 @@ class FDRN(nn.Module):
 
 
 class PaddedBackbone(nn.Module):
-    """Wrap a fully convolutional backbone: zero-pad the input to a multiple of ``multiple``, crop the output."""
+    """
+    Wrap a fully convolutional backbone so that it accepts any input size: zero-pad the input at the end of each
+    spatial axis to a multiple of ``multiple`` voxels, run the backbone, crop the output back.
+
+    Args:
+        net: the backbone, mapping [B, C, *spatial] to [B, C', *spatial] for sizes that are multiples of ``multiple``.
+        multiple: the size multiple in voxels (``2**poolings`` of the backbone).
+    """
 
     def __init__(self, net: nn.Module, multiple: int) -> None:
         super().__init__()
@@ -218,19 +307,44 @@ class PaddedBackbone(nn.Module):
 
     @property
     def size_multiple(self) -> int:
+        """
+        Returns:
+            the size multiple (voxels) that inputs are padded to.
+        """
         return self.multiple
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            x: the input batch, in shape [B, C, D, H, W].
+
+        Returns:
+            the backbone's output cropped to the input's spatial size, [B, C', D, H, W] (a DDF in voxels,
+            [B, 3, D, H, W], for :func:`voxelmorph_vm2`).
+        """
         x, spatial = pad_to_multiple(x, self.multiple)
         return _crop(self.net(x), spatial)
 
 
 def voxelmorph_vm2(in_channels: int = 2, init_std: float = 1e-5, pad_multiple: int = 16) -> PaddedBackbone:
-    """VoxelMorph VM-2 backbone (327,331 parameters) built from MONAI's ``VoxelMorphUNet``; returns a DDF.
+    """
+    VoxelMorph VM-2 backbone (327,331 parameters) built from MONAI's ``VoxelMorphUNet``; it predicts a DDF directly.
 
-    The returned module maps ``[B, in_channels, D, H, W]`` to a DDF ``[B, 3, D, H, W]`` (voxel units); inputs are
-    zero-padded at the end of each axis to a multiple of ``pad_multiple`` (16 = 2**4 poolings) and cropped back.
-    No integration (the non-diffeomorphic VM-2 of the paper's comparison).
+    No integration: the non-diffeomorphic VM-2 of the ReVoxelMorph comparison (Sun & Simon, "A Resolution
+    Enhancement Plug-in for Deformable Registration of Medical Images", Section IV-D, Table III).
+
+    Source: G. Balakrishnan, A. Zhao, M. R. Sabuncu, J. Guttag and A. V. Dalca, "VoxelMorph: A Learning Framework
+    for Deformable Medical Image Registration", IEEE TMI 38(8), 2019 (VM-2 widths); MONAI
+    ``monai.networks.nets.VoxelMorphUNet``.
+
+    Args:
+        in_channels: channels of the stacked input pair (2: moving, fixed).
+        init_std: std of the normal init of the final 3-channel (DDF) conv; 0 gives an exactly zero initial field.
+        pad_multiple: inputs are zero-padded at the end of each axis to a multiple of this size (voxels) and the
+            output is cropped back (16 = 2**4 poolings).
+
+    Returns:
+        a :class:`PaddedBackbone` mapping [B, in_channels, D, H, W] to a DDF [B, 3, D, H, W] in voxels.
     """
     from monai.networks.nets import VoxelMorphUNet
 
@@ -246,7 +360,12 @@ def voxelmorph_vm2(in_channels: int = 2, init_std: float = 1e-5, pad_multiple: i
 
 
 class RegistrationCascade(nn.Module):
-    """REM -> registration backbone (ReFDRN / ReVoxelMorph, eq. (2) of the paper).
+    """
+    The resolution-enhanced registration cascade REM -> registration backbone (ReFDRN / ReVoxelMorph).
+
+    Source: K. Sun and S. Simon, "A Resolution Enhancement Plug-in for Deformable Registration of Medical Images",
+    Section III-B, Fig. 2 and Eq. (2): ``y = REM(x)`` with the two images of the pair along the batch axis, then
+    ``z = FDRN(y~)`` with ``y~`` the SR pair stacked as channels.
 
     Args:
         backbone: maps ``[B, 2, D, H, W]`` to a DDF ``[B, 3, D, H, W]``, or to ``(ddf, aux_ddf)``.
@@ -263,6 +382,21 @@ class RegistrationCascade(nn.Module):
     returns ``{"ddf", "sr_moving", "sr_fixed"}`` plus ``"aux_ddf"`` when the backbone gives one; with
     ``sr_moving``/``sr_fixed`` given (precomputed REM outputs), REM is not run again. Gradients flow through REM
     (no ``torch.no_grad``); only its parameters receive none.
+
+    Example::
+
+        import torch
+        from scripts.networks import FDRN, RegistrationCascade
+
+        rem = torch.nn.Conv3d(1, 1, kernel_size=3, padding=1)  # stand-in for the rem_sr bundle's REM
+        net = RegistrationCascade(FDRN(return_aux=True), rem)
+        moving_lr = torch.rand(1, 1, 32, 32, 32)                # trilinear-upsampled LR images
+        fixed_lr = torch.rand(1, 1, 32, 32, 32)
+        ddf = net(torch.cat([moving_lr, fixed_lr], dim=1))      # [1, 3, 32, 32, 32], voxels
+        out = net.register(moving_lr, fixed_lr)                 # dict: ddf, aux_ddf, sr_moving, sr_fixed
+        assert ddf.shape == out["ddf"].shape == (1, 3, 32, 32, 32)
+        assert out["sr_moving"].shape == moving_lr.shape
+        assert all(k.startswith("backbone.") for k in net.state_dict())  # REM's weights are not saved
     """
 
     def __init__(self, backbone: nn.Module, rem: nn.Module | None = None) -> None:
@@ -275,6 +409,10 @@ class RegistrationCascade(nn.Module):
 
     @property
     def rem(self) -> nn.Module | None:
+        """
+        Returns:
+            the frozen REM (not a registered submodule), or ``None`` for the identity.
+        """
         return self._rem[0]
 
     def _apply(self, fn, *args, **kwargs):
@@ -284,21 +422,63 @@ class RegistrationCascade(nn.Module):
         return self
 
     def train(self, mode: bool = True) -> RegistrationCascade:
+        """
+        Set the backbone's training mode; REM always stays in eval mode.
+
+        Args:
+            mode: training (true) or evaluation (false) mode for the backbone.
+
+        Returns:
+            self.
+        """
         super().train(mode)
         if self.rem is not None:
             self.rem.eval()
         return self
 
     def trainable_parameters(self):
-        """The parameters an optimiser should see (the backbone's)."""
+        """
+        Returns:
+            a generator over the parameters an optimiser should see (the backbone's ones with ``requires_grad``).
+        """
         return (p for p in self.parameters() if p.requires_grad)
 
     def enhance(self, x: torch.Tensor) -> torch.Tensor:
-        """REM(x) (identity when there is no REM)."""
+        """
+        Apply the frozen REM (Eq. (2), ``y = REM(x)``), with gradients flowing through it.
+
+        Args:
+            x: trilinear-upsampled LR images, one image per batch entry, in shape [N, 1, D, H, W].
+
+        Returns:
+            ``REM(x)``, same shape as ``x`` (``x`` itself when there is no REM).
+        """
         return x if self.rem is None else self.rem(x)
 
-    def register(self, moving: torch.Tensor, fixed: torch.Tensor, sr_moving: torch.Tensor | None = None,
-                 sr_fixed: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    def register(
+        self,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        sr_moving: torch.Tensor | None = None,
+        sr_fixed: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """
+        Register a pair: super-resolve each image with REM, then run the backbone on the SR pair.
+
+        Args:
+            moving: the trilinear-upsampled LR moving image, in shape [B, 1, D, H, W].
+            fixed: the trilinear-upsampled LR fixed image, same shape as ``moving``.
+            sr_moving: precomputed ``REM(moving)`` [B, 1, D, H, W]; REM is run only when it or ``sr_fixed`` is None.
+            sr_fixed: precomputed ``REM(fixed)`` [B, 1, D, H, W].
+
+        Returns:
+            a dict with ``"ddf"`` (the DDF [B, 3, D, H, W] in voxels, MONAI ``Warp`` convention), ``"sr_moving"``
+            and ``"sr_fixed"`` (the SR images [B, 1, D, H, W]) and, when the backbone returns one, ``"aux_ddf"``
+            (the coarse auxiliary DDF in coarse-grid voxels).
+
+        Raises:
+            ValueError: when ``moving`` and ``fixed`` differ in shape or are not 5-dimensional.
+        """
         if moving.shape != fixed.shape:
             raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must have the same shape")
         if moving.ndim != 5:
@@ -318,8 +498,20 @@ class RegistrationCascade(nn.Module):
         return result
 
     def forward(self, x: torch.Tensor, precomputed_sr: bool = False, return_dict: bool = False):
-        """DDF of the pair ``x = [moving, fixed]``. ``precomputed_sr=True``: `x` already holds REM's outputs
-        (training with cached SR volumes). ``return_dict=True``: the full `register` dict (goes through DDP)."""
+        """
+        DDF of the pair ``x = [moving, fixed]`` (the bundle's ``network_def`` contract).
+
+        Args:
+            x: the trilinear-upsampled LR moving and fixed images stacked as channels, in shape [B, 2, D, H, W].
+            precomputed_sr: ``x`` already holds REM's outputs (training with cached SR volumes); REM is not run.
+            return_dict: return the full :meth:`register` dict instead of the DDF (so that it goes through DDP).
+
+        Returns:
+            the DDF [B, 3, D, H, W] in voxels, or the :meth:`register` dict when ``return_dict``.
+
+        Raises:
+            ValueError: when ``x`` is not in shape [B, 2, D, H, W].
+        """
         if x.ndim != 5 or x.shape[1] != 2:
             raise ValueError(f"expected the pair as [B, 2, D, H, W] (moving, fixed), got {tuple(x.shape)}")
         moving, fixed = x[:, :1], x[:, 1:]
@@ -327,10 +519,32 @@ class RegistrationCascade(nn.Module):
         return out if return_dict else out["ddf"]
 
 
-def build_registration_network(backbone: str = "fdrn", rem: nn.Module | None = None,
-                               fdrn_channels: Sequence[int] = (16, 32, 32, 32, 32), fdrn_num_res: int = 2,
-                               return_aux: bool = True) -> RegistrationCascade:
-    """The bundle's `network_def`: REM (or identity) followed by FDRN or VoxelMorph VM-2."""
+def build_registration_network(
+    backbone: str = "fdrn",
+    rem: nn.Module | None = None,
+    fdrn_channels: Sequence[int] = (16, 32, 32, 32, 32),
+    fdrn_num_res: int = 2,
+    return_aux: bool = True,
+) -> RegistrationCascade:
+    """
+    The bundle's ``network_def``: REM (or the identity) followed by FDRN or VoxelMorph VM-2.
+
+    Source: the ReFDRN / ReVoxelMorph cascades of Sun & Simon, "A Resolution Enhancement Plug-in for Deformable
+    Registration of Medical Images", Section III-B and Section IV-D.
+
+    Args:
+        backbone: ``"fdrn"`` or ``"voxelmorph"`` (alias ``"vm2"``), case-insensitive.
+        rem: the frozen REM (see ``scripts.rem_loader.load_rem``), or ``None`` for the identity.
+        fdrn_channels: FDRN widths per level (see :class:`FDRN`); ignored for VoxelMorph.
+        fdrn_num_res: FDRN residual convs per stage; ignored for VoxelMorph.
+        return_aux: FDRN also returns the auxiliary coarse DDF; ignored for VoxelMorph.
+
+    Returns:
+        a :class:`RegistrationCascade`.
+
+    Raises:
+        ValueError: for an unknown ``backbone``, or invalid FDRN widths (see :class:`FDRN`).
+    """
     name = str(backbone).lower()
     if name == "fdrn":
         net = FDRN(channels=tuple(fdrn_channels), num_res=fdrn_num_res, return_aux=return_aux)

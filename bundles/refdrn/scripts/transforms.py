@@ -1,4 +1,9 @@
-"""Dictionary transforms of the refdrn inference pipeline."""
+"""Dictionary transforms of the refdrn inference pipeline.
+
+The cascade takes trilinear-upsampled LR images (K. Sun and S. Simon, "A Resolution Enhancement Plug-in for
+Deformable Registration of Medical Images", Sections III-A and IV-D) and returns a DDF in voxels that MONAI's
+``Warp`` applies.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +20,19 @@ from .checks import BundleInputError
 
 
 class UpsampleToTargetd(MapTransform):
-    """Trilinear upsampling of LR volumes by `scale` (``align_corners=False``, the grid REM was trained on),
-    with the affine updated by MONAI's `Zoom`. scale 1 leaves the volumes unchanged."""
+    """
+    Trilinear upsampling of LR volumes by `scale` (``align_corners=False``, the grid REM was trained on),
+    with the affine updated by MONAI's ``Zoom`` (same field of view, voxel size divided by `scale`). scale 1
+    leaves the volumes unchanged.
+
+    Args:
+        keys: the key(s) of the LR MetaTensors [C, d, h, w].
+        scale: the upsampling factor (>= 1), one number or one per spatial axis.
+        allow_missing_keys: don't raise an exception when a key is missing.
+
+    Raises:
+        BundleInputError: (a ``ValueError``) when a factor is below 1.
+    """
 
     def __init__(self, keys: KeysCollection, scale: float | Sequence[float] = 4, allow_missing_keys: bool = False):
         super().__init__(keys, allow_missing_keys)
@@ -26,6 +42,16 @@ class UpsampleToTargetd(MapTransform):
         self.zoom = list(zoom)
 
     def __call__(self, data: Mapping) -> dict:
+        """
+        Args:
+            data: a dictionary holding the LR MetaTensor(s) [C, d, h, w] under ``keys``.
+
+        Returns:
+            a shallow copy of ``data`` with each volume upsampled to [C, D, H, W] and its affine updated.
+
+        Raises:
+            KeyError: when a key is missing and ``allow_missing_keys`` is false.
+        """
         d = dict(data)
         for key in self.key_iterator(d):
             if any(z != 1 for z in self.zoom):
@@ -34,8 +60,17 @@ class UpsampleToTargetd(MapTransform):
 
 
 class WarpMovingd(MapTransform):
-    """Warp `image_key` (bilinear) and, when present, `label_key` (nearest) with the DDF in `ddf_key`,
-    writing ``warped_<key>``. The label is first resampled onto the DDF's grid (nearest) if needed."""
+    """
+    Warp `image_key` (bilinear, border padding) and, when present, `label_key` (nearest, zero padding, uint8)
+    with the DDF in `ddf_key` (voxels, MONAI ``Warp`` convention), writing ``warped_<key>`` with the DDF's
+    metadata. The label is first resampled onto the image's grid (nearest, MONAI ``ResampleToMatch``) if its size
+    differs from the DDF's.
+
+    Args:
+        ddf_key: key of the DDF MetaTensor [3, D, H, W] (voxels).
+        image_key: key of the image to warp [C, D, H, W] on the DDF's grid (the SR moving image by default).
+        label_key: key of the moving label map [1, d, h, w] (optional in the data).
+    """
 
     def __init__(self, ddf_key: str = "pred", image_key: str = "sr_moving", label_key: str = "moving_label"):
         super().__init__([image_key, label_key], allow_missing_keys=True)
@@ -44,6 +79,19 @@ class WarpMovingd(MapTransform):
         self.warp_label = Warp(mode="nearest", padding_mode="zeros")
 
     def __call__(self, data: Mapping) -> dict:
+        """
+        Args:
+            data: a dictionary holding the DDF under ``ddf_key``, the image under ``image_key`` and, optionally,
+                the moving label under ``label_key``.
+
+        Returns:
+            a shallow copy of ``data`` with ``warped_<image_key>`` (float32 [C, D, H, W]) and, when the label is
+            present, ``warped_<label_key>`` (uint8 [1, D, H, W]).
+
+        Raises:
+            KeyError: when ``ddf_key`` or ``image_key`` is missing.
+            ValueError: when the image's spatial size differs from the DDF's (raised by MONAI's ``Warp``).
+        """
         d = dict(data)
         ddf = d[self.ddf_key]
         plain_ddf = torch.as_tensor(ddf).as_subclass(torch.Tensor)[None].float()
@@ -56,5 +104,6 @@ class WarpMovingd(MapTransform):
 
                 label = ResampleToMatch(mode="nearest")(label, img_dst=d[self.image_key])
             plain = torch.as_tensor(label).as_subclass(torch.Tensor)[None].float().to(plain_ddf.device)
-            d[f"warped_{self.label_key}"] = MetaTensor(self.warp_label(plain, plain_ddf)[0].to(torch.uint8), meta=ddf.meta)
+            warped = self.warp_label(plain, plain_ddf)[0].to(torch.uint8)
+            d[f"warped_{self.label_key}"] = MetaTensor(warped, meta=ddf.meta)
         return d

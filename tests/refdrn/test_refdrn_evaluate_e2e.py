@@ -1,0 +1,146 @@
+"""configs/evaluate.json (an override of train.json) end to end through MONAI's bundle runner on tiny synthetic
+pairs, on CPU: one method per run, every method of the model card's table through tools/compare_methods.py (the
+untrained one reported as "not trained"), MetricsSaver's per-case files and summaries, the figure, the identity
+baseline against reference Dice/NCC, and the clear errors that stop a run before it writes anything."""
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from tests.helpers import load_bundle_scripts, make_pair_dataset, run_bundle
+
+TINY_NET = {"fdrn_channels": [4, 8, 8], "fdrn_num_res": 1}
+EVAL_METRICS = {"dice", "hd95", "asd", "ncc", "folding_percent", "sdlogj", "input_psnr", "input_ssim", "seconds"}
+TINY_EVAL = {**TINY_NET, "num_classes": 5}  # the synthetic pairs have label ids 0..4
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    return make_pair_dataset(tmp_path_factory.mktemp("pairs"))
+
+
+@pytest.fixture(scope="module")
+def eval_weights(tmp_path_factory):
+    """Untrained tiny FDRN weights as models/model.pt and models/backbone_x4.pt (the plain backbone's weights have
+    the same keys: REM is not part of the state dict); no models/model_no_aux.pt. The flow head's bias shifts
+    every pair by about 1.5 voxels, so a run that did not load the weights would be seen."""
+    networks = load_bundle_scripts("refdrn", "networks")
+    ckpt = tmp_path_factory.mktemp("refdrn_eval_models")
+    torch.manual_seed(0)
+    state = networks.build_registration_network("fdrn", None, **TINY_NET).state_dict()
+    state["backbone.flow.bias"] = torch.tensor([1.5, -1.5, 1.5])
+    torch.save(state, ckpt / "model.pt")
+    torch.save(state, ckpt / "backbone_x4.pt")
+    return ckpt
+
+
+@pytest.fixture(scope="module")
+def compared(eval_weights, pairs, tmp_path_factory):
+    """tools/compare_methods.py over evaluate.json's compare_methods: one evaluate run per method."""
+    from tools import compare_methods
+
+    out = tmp_path_factory.mktemp("refdrn_compare")
+    overrides = {**TINY_EVAL, "dataset_dir": str(pairs), "ckpt_dir": str(eval_weights)}
+    args = [
+        "refdrn",
+        "--output_dir",
+        str(out),
+        "--threads",
+        "1",
+        "--set",
+        *[f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()],
+    ]
+    assert compare_methods.main(args) == 0
+    return out, json.loads((out / "comparison.json").read_text())["all"]
+
+
+def test_evaluate_reports_every_method_and_every_metric(compared):
+    _, results = compared
+    assert list(results) == ["identity", "backbone_lr", "cascade", "cascade_no_aux"]
+    assert results["cascade_no_aux"] == "not trained"
+    for method in ("identity", "backbone_lr", "cascade"):
+        assert set(results[method]) == EVAL_METRICS, method
+        assert results[method]["dice"]["cases"] == 2
+    identity = results["identity"]
+    assert identity["folding_percent"]["mean"] == 0 and identity["sdlogj"]["mean"] == 0
+    assert results["backbone_lr"]["input_psnr"]["mean"] == pytest.approx(identity["input_psnr"]["mean"])  # no REM
+    assert results["cascade"]["input_psnr"]["mean"] != pytest.approx(identity["input_psnr"]["mean"])  # REM's output
+    for method in ("backbone_lr", "cascade"):  # the shipped weights were loaded: a ~1.5 voxel shift, no folding
+        assert results[method]["dice"]["mean"] < identity["dice"]["mean"] - 0.02, method
+        assert results[method]["hd95"]["mean"] > identity["hd95"]["mean"], method
+        assert results[method]["folding_percent"]["mean"] == 0, method
+        assert results[method]["seconds"]["mean"] > 0, method
+
+
+def test_evaluate_writes_per_case_metrics_and_the_figure(compared):
+    out, _ = compared
+    run = out / "all" / "cascade"
+    for metric in EVAL_METRICS:
+        raw = list(csv.reader(open(run / f"{metric}_raw.csv")))
+        assert raw[0][0] == "filename" and raw[0][-1] == "mean", metric
+        assert sorted(r[0] for r in raw[1:]) == ["sub2_to_sub3", "sub3_to_sub2"], metric  # the datalist names
+        summary = list(csv.reader(open(run / f"{metric}_summary.csv")))
+        assert summary[0] == ["class", "mean", "median", "max", "min", "90percentile", "std", "notnans"]
+    assert len(next(csv.reader(open(run / "dice_raw.csv")))) == 1 + 4 + 1  # labels 1..4, then the mean
+    assert (run / "registration_cascade.png").stat().st_size > 10_000
+    assert (out / "all" / "identity" / "registration_identity.png").is_file()
+    assert not list(out.rglob(".partial-*"))
+
+
+def _case_values(run, metric: str) -> dict[str, float]:
+    return {r[0]: float(r[-1]) for r in list(csv.reader(open(run / f"{metric}_raw.csv")))[1:]}
+
+
+def test_evaluate_identity_matches_reference_dice_and_ncc(compared, pairs):
+    """No registration: the warped moving label and image are the moving ones, so MONAI's Dice must equal the
+    bundle's joint-histogram Dice of the two label maps, and the NCC the NCC of the two HR images."""
+    mean_label_dice = load_bundle_scripts("refdrn", "metrics").mean_label_dice
+    global_ncc = load_bundle_scripts("refdrn", "registration_metrics").global_ncc
+    out, _ = compared
+    run = out / "all" / "identity"
+    dice, ncc = _case_values(run, "dice"), _case_values(run, "ncc")
+    for item in json.loads((pairs / "datalist.json").read_text())["test"]:
+        moving_label, fixed_label, moving, fixed = (
+            np.asarray(nib.load(str(pairs / item[key])).dataobj)
+            for key in ("moving_label", "fixed_label", "moving_image", "fixed_image")
+        )
+        assert dice[item["name"]] == pytest.approx(mean_label_dice(moving_label, fixed_label), abs=1e-6)
+        assert ncc[item["name"]] == pytest.approx(global_ncc(moving, fixed), abs=1e-5)
+
+
+def test_evaluate_shows_progress_and_the_metrics(pairs, tmp_path):
+    result = run_bundle(
+        "refdrn",
+        ["train.json", "evaluate.json"],
+        {**TINY_EVAL, "method": "identity", "dataset_dir": str(pairs), "output_dir": str(tmp_path / "eval")},
+    )
+    assert "Iteration: [1/2]" in result.stderr  # the progress bar
+    assert "dice: " in result.stdout + result.stderr and "hd95: " in result.stdout + result.stderr
+    assert float(next(r for r in csv.reader(open(tmp_path / "eval" / "metrics.csv")) if r[0] == "dice")[1]) > 0
+
+
+@pytest.mark.parametrize("case", ["not_trained", "wrong_weights", "unknown_method"])
+def test_evaluate_refuses_bad_methods_and_weights_without_writing(eval_weights, pairs, tmp_path, case):
+    overrides = {
+        **TINY_EVAL,
+        "dataset_dir": str(pairs),
+        "ckpt_dir": str(eval_weights),
+        "output_dir": str(tmp_path / "eval"),
+    }
+    if case == "not_trained":
+        overrides["method"] = "cascade_no_aux"
+        expected = [str(eval_weights / "model_no_aux.pt"), "weights file not found"]
+    elif case == "wrong_weights":  # the tiny weights against the default (larger) FDRN
+        overrides = {k: v for k, v in overrides.items() if k not in TINY_NET}
+        expected = [str(eval_weights / "model.pt"), "weights do not match"]
+    else:
+        overrides["method"] = "cascade_x"
+        expected = ["unknown --method 'cascade_x'; choose one of identity, backbone_lr, cascade, cascade_no_aux"]
+    result = run_bundle("refdrn", ["train.json", "evaluate.json"], overrides, check=False)
+    assert result.returncode != 0
+    assert all(text in result.stderr for text in expected), result.stderr[-3000:]
+    assert not (tmp_path / "eval").exists()

@@ -1,0 +1,82 @@
+"""tools/compare_methods.py: reading MONAI MetricsSaver files, the table, and the metadata's eval_metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.handlers.utils import write_metrics_reports
+
+from tools import compare_methods as cm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _saver_files(folder: Path, details: dict[str, np.ndarray]) -> None:
+    """What MetricsSaver writes for `details` ({metric: [cases, classes]})."""
+    write_metrics_reports(
+        save_dir=str(folder),
+        images=[f"case{i}" for i in range(len(next(iter(details.values()))))],
+        metrics={k: float(np.nanmean(v)) for k, v in details.items()},
+        metric_details={k: torch.as_tensor(v) for k, v in details.items()},
+        summary_ops="*",
+        deli=",",
+    )
+
+
+def test_read_metrics_takes_the_mean_and_the_std_over_cases(tmp_path):
+    dice = np.array([[0.8, 0.6], [0.9, 0.7]])  # 2 cases, 2 labels: per-case means 0.7 and 0.8
+    _saver_files(tmp_path, {"dice": dice, "seconds": np.array([[1.0], [3.0]])})
+    metrics = cm.read_metrics(tmp_path)
+    assert list(metrics) == ["dice", "seconds"]
+    assert metrics["dice"]["mean"] == pytest.approx(0.75)
+    assert metrics["dice"]["std"] == pytest.approx(0.05)
+    assert metrics["seconds"]["std"] == pytest.approx(1.0)
+
+
+def test_read_metrics_without_output_is_one_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="metrics.csv not found"):
+        cm.read_metrics(tmp_path)
+
+
+def test_markdown_has_a_row_per_metric_and_reports_untrained_methods():
+    results = {
+        "all": {
+            "identity": {"dice": {"mean": 0.6, "std": 0.01}, "hd95": {"mean": 12.345, "std": 1.0}},
+            "cascade": {"dice": {"mean": 0.66, "std": float("nan")}, "hd95": {"mean": 9.0, "std": 0.5}},
+            "no_aux": cm.NOT_TRAINED,
+        }
+    }
+    table = cm.markdown(results, ["identity", "cascade", "no_aux"], "python tools/compare_methods.py x")
+    assert "| metric | identity | cascade | no_aux |" in table
+    assert "| dice | 0.6000 ± 0.0100 | 0.6600 | not trained |" in table
+    assert "| hd95 | 12.35 ± 1.00 | 9.0000 ± 0.5000 | not trained |" in table
+
+
+def test_grid_points_cover_every_combination():
+    assert cm.grid_points(None) == [{}]
+    assert cm.grid_points({"eval_scale": [2, 4]}) == [{"eval_scale": 2}, {"eval_scale": 4}]
+    assert cm.point_label({"eval_scale": 4}) == "eval_scale_4"
+
+
+@pytest.mark.parametrize("bundle", ["rem_sr", "refdrn", "f3rnet_ct_mri"])
+def test_set_eval_metrics_changes_only_that_block(bundle):
+    text = (ROOT / "bundles" / bundle / "configs" / "metadata.json").read_text()
+    out = cm.set_eval_metrics(text, {"dice": 0.66213, "hd95_eval_scale_4": 3.5})
+    assert json.loads(out)["eval_metrics"] == {"dice": 0.66213, "hd95_eval_scale_4": 3.5}
+    before, after = json.loads(text), json.loads(out)
+    before.pop("eval_metrics"), after.pop("eval_metrics")
+    assert before == after
+    # lines outside the block keep their layout
+    assert [line for line in out.splitlines() if "eval_metrics" not in line and ":" in line and "{" not in line][
+        :3
+    ] == [line for line in text.splitlines() if "eval_metrics" not in line and ":" in line and "{" not in line][:3]
+
+
+def test_fmt_handles_missing_values():
+    assert cm.fmt({"mean": float("nan"), "std": 0.0}) == "n/a"
+    assert cm.fmt({"mean": 0.5, "std": float("nan")}) == "0.5000"
+    assert cm.fmt({"mean": 20.6412, "std": 0.0}) == "20.64"
