@@ -76,3 +76,22 @@ def test_step_decay_with_floor():
     assert [f(i) for i in (0, 9, 10, 20, 100)] == [1.0, 1.0, 0.5, 0.25, 0.2]
     with pytest.raises(ValueError):
         common.StepDecayWithFloor(1e-3, 0.5, 0, 1e-4)
+
+
+def test_load_datalist_resolves_image_paths_under_any_key_and_leaves_names_alone(tmp_path):
+    import json
+
+    import nibabel as nib
+    import numpy as np
+
+    (tmp_path / "case1").mkdir()  # a folder named like the case: MONAI alone would turn the name into a path
+    nib.save(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)), str(tmp_path / "case1" / "m.nii.gz"))
+    (tmp_path / "dl.json").write_text(
+        json.dumps({"test": [{"name": "case1", "moving_image": "case1/m.nii.gz", "fixed_image": "case1/m.nii.gz"}]})
+    )
+    (item,) = common.load_datalist(str(tmp_path / "dl.json"), str(tmp_path), "test")
+    assert item == {
+        "name": "case1",
+        "moving_image": str(tmp_path / "case1" / "m.nii.gz"),
+        "fixed_image": str(tmp_path / "case1" / "m.nii.gz"),
+    }

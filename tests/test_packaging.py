@@ -306,6 +306,6 @@ def test_f3rnet_zip_runs_its_shipped_weights_after_unpacking_elsewhere(tmp_path)
         timeout=300,
     )
     assert run.returncode == 0, run.stderr[-4000:]
-    ddf = nib.load(str(work / "out" / "case003_ct" / "case003_ct_ddf.nii.gz"))
+    ddf = nib.load(str(work / "out" / "case003" / "case003_ddf.nii.gz"))  # named by the datalist item's name
     assert ddf.shape[:3] == shape and ddf.shape[-1] == 3
     assert np.isfinite(np.asarray(ddf.dataobj)).all()

@@ -234,8 +234,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
             results[label][method] = read_metrics(run_dir)
 
-    command = f"python tools/compare_methods.py {bundle_root.name}" + (
-        f" --set {' '.join(args.set)}" if args.set else ""
+    command = (
+        f"python tools/compare_methods.py {bundle_root.name}"
+        + (f" --set {' '.join(args.set)}" if args.set else "")
+        + (f" --threads {args.threads}" if args.threads else "")
     )
     table = markdown(results, methods, command)
     atomic_write_text(table, out_dir / "comparison.md")

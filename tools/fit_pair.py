@@ -33,15 +33,55 @@ import torch.nn.functional as F
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = REPO_ROOT / "bundles"
+if __package__ in (None, ""):
+    sys.path.insert(0, str(REPO_ROOT))
+from tools.niftiio import check_label_values, fail, label_onto_grid, read_volume, same_grid  # noqa: E402
+
+IMAGE_KEYS = ("moving_image", "fixed_image")
+LABEL_KEYS = ("moving_label", "fixed_label")
 
 
-def load_volume(path: Path) -> torch.Tensor:
-    if not path.is_file():
-        raise FileNotFoundError(f"file not found: {path}")
-    data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
-    if data.ndim != 3:
-        raise ValueError(f"{path}: expected a 3D volume, got shape {data.shape}")
-    return torch.from_numpy(data)[None, None]
+def load_ras(path: Path, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Data and affine of a volume reoriented to RAS (nibabel, `tools.niftiio.read_volume`: trailing singleton axes
+    squeezed; a non-singleton extra axis, an unreadable or missing file is an error naming it), so that the result
+    does not depend on how the arrays are stored."""
+    data, affine = read_volume(path, what)
+    img = nib.as_closest_canonical(nib.Nifti1Image(data, affine))
+    return np.asanyarray(img.dataobj), img.affine
+
+
+def load_pair(item: dict, root: Path, where: str) -> tuple[torch.Tensor, ...]:
+    """moving, fixed, moving label, fixed label as ``[1, 1, x, y, z]`` float32 tensors on one RAS grid.
+
+    Each label is brought onto its image's grid by world coordinates (nearest neighbour) when its shape or affine
+    differs; its ids are renumbered 0..n-1 in ascending order over both maps (Dice is unchanged; ids > 255 or in the
+    thousands keep their identity). The moving and fixed images must share one grid (the bundles' pairs do).
+    """
+    paths = {}
+    for key in IMAGE_KEYS + LABEL_KEYS:
+        if not isinstance(item.get(key), str):
+            raise fail(f"{where} has no {key} (Dice needs moving/fixed images and labels)")
+        paths[key] = Path(item[key]) if Path(item[key]).is_absolute() else root / item[key]
+        if not paths[key].is_file():
+            raise fail(f"{where}: {key} {paths[key]} not found (relative paths are resolved against {root})")
+    volumes = {key: load_ras(paths[key], key) for key in IMAGE_KEYS + LABEL_KEYS}
+    (moving, moving_affine), (fixed, fixed_affine) = volumes["moving_image"], volumes["fixed_image"]
+    if not same_grid(moving.shape, moving_affine, fixed.shape, fixed_affine):
+        raise fail(
+            f"{where}: moving_image {paths['moving_image']} (shape {moving.shape}, affine "
+            f"{np.round(moving_affine, 3).tolist()}) and fixed_image {paths['fixed_image']} (shape {fixed.shape}, "
+            f"affine {np.round(fixed_affine, 3).tolist()}) are not on one grid; resample the pair onto one grid first"
+        )
+    labels = []
+    for key, image_key in zip(LABEL_KEYS, IMAGE_KEYS):
+        data, affine = volumes[key]
+        data = check_label_values(data, paths[key], key)
+        labels.append(label_onto_grid(data, affine, fixed.shape, fixed_affine, paths[key], paths[image_key]))
+    _, inverse = np.unique(np.concatenate([lab.ravel() for lab in labels]), return_inverse=True)
+    labels = np.split(inverse.astype(np.float32), [labels[0].size])
+    tensors = [np.asarray(moving, np.float32), np.asarray(fixed, np.float32)]
+    tensors += [lab.reshape(fixed.shape) for lab in labels]
+    return tuple(torch.from_numpy(np.ascontiguousarray(t))[None, None] for t in tensors)
 
 
 def _label_dice():
@@ -55,8 +95,20 @@ def _label_dice():
     return module.mean_label_dice
 
 
+def _use_bundle_scripts(bundle: str) -> None:
+    """Make ``scripts`` mean `bundle`'s package in this process (another bundle's may be imported already), with
+    the bundle's own ``common.use_bundle_scripts``, loaded from its file (it imports nothing from ``scripts``)."""
+    import importlib.util
+
+    root = BUNDLES / bundle
+    spec = importlib.util.spec_from_file_location(f"{bundle}_common", root / "scripts" / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.use_bundle_scripts(str(root))
+
+
 def bundle_loss_and_images(args, moving: torch.Tensor, fixed: torch.Tensor):
-    sys.path.insert(0, str(BUNDLES / args.bundle))
+    _use_bundle_scripts(args.bundle)
     if args.bundle == "f3rnet_ct_mri":
         from scripts.losses import F3RNetLoss
         from scripts.transforms import NormalizeCTMRd
@@ -69,11 +121,13 @@ def bundle_loss_and_images(args, moving: torch.Tensor, fixed: torch.Tensor):
             d["fixed_image"][None],
         )
     from scripts.data import DegradePaird
+    from scripts.intensity import PercentileScaled
     from scripts.losses import ReFDRNLoss
 
-    d = DegradePaird(keys=["moving_image", "fixed_image"], scale=args.scale)(
+    d = PercentileScaled(keys=["moving_image", "fixed_image"], clip=True, factor_key=None, offset_key=None)(
         {"moving_image": moving[0], "fixed_image": fixed[0]}
-    )
+    )  # raw intensities to the training units, as refdrn's train.json does
+    d = DegradePaird(keys=["moving_image", "fixed_image"], scale=args.scale)(d)
     loss = ReFDRNLoss(rem=None, lambda1=0.0, lambda2=1.0, reg_reduction="mean")
     mov, fix = d["moving_image_lr"][None], d["fixed_image_lr"][None]
     return (
@@ -90,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset-dir", type=Path, default=None, help="default: the datalist's folder")
     parser.add_argument("--section", default="training")
     parser.add_argument("--index", type=int, default=0)
-    parser.add_argument("--direction", default="ct2mri", help="f3rnet_ct_mri only")
+    parser.add_argument("--direction", default="ct2mri", choices=["ct2mri", "mri2ct"], help="f3rnet_ct_mri only")
     parser.add_argument("--scale", type=float, default=4, help="refdrn only: LR degradation factor")
     parser.add_argument("--downsample", type=int, default=2)
     parser.add_argument("--grid", type=int, default=8, help="control points per axis")
@@ -103,16 +157,22 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.datalist.is_file():
         parser.error(f"datalist not found: {args.datalist}")
-    items = json.loads(args.datalist.read_text()).get(args.section) or []
+    try:
+        datalist = json.loads(args.datalist.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        parser.error(f"cannot read the datalist {args.datalist}: {exc}")
+    if not isinstance(datalist, dict) or not isinstance(datalist.get(args.section, []), list):
+        parser.error(f"{args.datalist}: expected a JSON object of lists of pairs")
+    items = datalist.get(args.section) or []
     if not 0 <= args.index < len(items):
-        parser.error(f"{args.datalist}: section {args.section!r} has {len(items)} pairs, no index {args.index}")
+        parser.error(
+            f"{args.datalist}: section {args.section!r} has {len(items)} pairs, no index {args.index} "
+            f"(sections: {', '.join(k for k, v in datalist.items() if isinstance(v, list))})"
+        )
     item, root = items[args.index], args.dataset_dir or args.datalist.parent
-    if "moving_label" not in item or "fixed_label" not in item:
-        parser.error(f"{args.datalist}: pair {args.index} has no labels; Dice needs moving_label and fixed_label")
-    moving, fixed = load_volume(root / item["moving_image"]), load_volume(root / item["fixed_image"])
-    moving_label, fixed_label = load_volume(root / item["moving_label"]), load_volume(root / item["fixed_label"])
-    if not moving.shape == fixed.shape == moving_label.shape == fixed_label.shape:
-        parser.error(f"pair {args.index}: images and labels must share one grid")
+    if not isinstance(item, dict):
+        parser.error(f"{args.datalist}: {args.section}[{args.index}] is not a dict of file paths")
+    moving, fixed, moving_label, fixed_label = load_pair(item, root, f"{args.datalist} {args.section}[{args.index}]")
     loss_fn, moving, fixed = bundle_loss_and_images(args, moving, fixed)
     f = max(1, args.downsample)
     if f > 1:

@@ -23,6 +23,10 @@ The dataset JSON is read defensively:
   1 liver, 2 spleen, 3 right kidney ("right kidney", "kidney right", "kidney_r", ...),
   4 left kidney; every other label becomes 0. A missing organ is an error.
 
+Every volume is read (nibabel) and checked before anything is written: label and mask maps are brought onto
+their image's grid by world coordinates (nearest neighbour); non-integer/negative labels, a label that misses its
+image, a CT not in Hounsfield units and a non-singleton extra axis are errors naming the file.
+
 Processing: reorient to RAS; optionally resample to isotropic ``--spacing`` mm (default: keep the
 native grid, 2 mm for the Learn2Reg release, where 144x144x128 voxels cover 288x288x256 mm; at 1 mm
 that crop would cut the organs); CT clipped to [-300, 500] HU; MR clipped at the 99th percentile
@@ -59,12 +63,21 @@ from tqdm import tqdm
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.niftiio import atomic_save, atomic_write_text, crop_or_pad  # noqa: E402
+from tools.niftiio import (  # noqa: E402
+    atomic_save,
+    atomic_write_text,
+    check_label_values,
+    crop_or_pad,
+    label_onto_grid,
+    prepare_out_dir,
+    read_volume,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DATASET_JSON = "AbdomenMRCT_dataset.json"
 TARGET_SHAPE = (144, 144, 128)
 CT_CLIP = (-300.0, 500.0)
+CT_AIR_MAX = -500.0  # a CT in Hounsfield units holds air (about -1000 HU) below this
 MR_PERCENTILE = 99.0
 TARGET_LABELS = {1: "liver", 2: "spleen", 3: "right kidney", 4: "left kidney"}
 LABEL_ALIASES = {
@@ -267,23 +280,10 @@ def pair_name(mr: Image, ct: Image) -> str:
 
 
 def load_volume(path: Path, what: str) -> nib.Nifti1Image:
-    if not path.is_file():
-        raise fail(f"{what} {path} not found")
-    try:
-        img = nib.load(str(path))
-        data = np.asarray(img.dataobj)
-    except Exception as exc:  # nibabel raises several types for broken files
-        raise fail(f"cannot read {what} {path}: {exc}") from None
-    if data.ndim > 3:
-        data = data.reshape(data.shape[:3] + (-1,))
-        if data.shape[3] != 1:
-            raise fail(f"{what} {path} is not a 3D volume (shape {img.shape})")
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise fail(f"{what} {path} is not a 3D volume (shape {img.shape})")
-    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
-        raise fail(f"{what} {path} contains NaN or infinite values")
-    return nib.as_closest_canonical(nib.Nifti1Image(data, img.affine))
+    """The volume reoriented to RAS (nibabel, `tools.niftiio.read_volume`: trailing singleton axes squeezed; a
+    non-singleton extra axis, an unreadable file or NaN values are an error naming the file)."""
+    data, affine = read_volume(path, what)
+    return nib.as_closest_canonical(nib.Nifti1Image(data, affine))
 
 
 def spacing_of(affine: np.ndarray) -> np.ndarray:
@@ -314,40 +314,64 @@ def crop_or_pad_centre(data: np.ndarray, affine: np.ndarray, fill: float = 0.0):
     return crop_or_pad(data, affine, (np.array(data.shape) - np.array(TARGET_SHAPE)) // 2, TARGET_SHAPE, fill)
 
 
-def process_image(img: Image, spacing: float | None):
-    vol = load_volume(img.path, f"{img.modality.upper()} image")
+def load_image(img: Image) -> nib.Nifti1Image:
+    """The image reoriented to RAS; a CT whose values are not Hounsfield units (no air below -500) is an error."""
+    what = f"{img.modality.upper()} image"
+    vol = load_volume(img.path, what)
+    if img.modality == "ct":
+        data = np.asanyarray(vol.dataobj)
+        lowest, highest = float(data.min()), float(data.max())
+        if lowest > CT_AIR_MAX:
+            raise fail(
+                f"{what} {img.path} has values in [{lowest:g}, {highest:g}]; expected Hounsfield units, with air "
+                f"near -1000 HU (below {CT_AIR_MAX:g}): convert it to HU first (e.g. subtract 1024 from a 0-4095 range)"
+            )
+    return vol
+
+
+def process_image(img: Image, spacing: float | None, vol: nib.Nifti1Image | None = None):
+    vol = vol if vol is not None else load_image(img)
     data = np.asarray(vol.dataobj, dtype=np.float32)
     if img.modality == "ct":
         data = np.clip(data, *CT_CLIP)
         fill = CT_CLIP[0]
     else:
-        nonzero = data[data != 0]
-        upper = np.percentile(nonzero if nonzero.size else data, MR_PERCENTILE)
+        # the background is the lowest value (0 for a magnitude image; shifted for a z-scored one)
+        fill = float(data.min())
+        above = data[data > fill]
+        upper = np.percentile(above if above.size else data, MR_PERCENTILE)
         data = np.minimum(data, np.float32(upper))
-        fill = 0.0
     data, affine = resample(data, vol.affine, spacing, order=1)
     data, affine = crop_or_pad_centre(data, affine, fill)
     return data.astype(np.float32), affine
 
 
-def process_label(path: Path, lut: np.ndarray | None, spacing: float | None, what: str):
-    """Labels remapped through `lut` (ids beyond it map to 0), or a binary mask for lut=None."""
+def load_label(path: Path, lut: np.ndarray | None, image: nib.Nifti1Image, image_path: Path, what: str):
+    """Labels remapped through `lut` (ids beyond it map to 0), or a binary mask for lut=None, on the grid of their
+    (RAS) `image`: resampled by world coordinates, nearest neighbour, when the shape or affine differs. Non-integer
+    or negative values, and a label that does not overlap its image, are errors naming the file."""
     vol = load_volume(path, what)
-    raw = np.asarray(vol.dataobj)
-    if np.issubdtype(raw.dtype, np.floating):
-        if not np.allclose(raw, np.round(raw)):
-            raise fail(f"{what} {path} holds non-integer values")
-        raw = np.round(raw)
-    raw = raw.astype(np.int64)
-    if raw.min() < 0:
-        raise fail(f"{what} {path} holds negative label values")
+    raw = check_label_values(np.asanyarray(vol.dataobj), path, what)
     if lut is None:
         data = (raw > 0).astype(np.uint8)
     else:
-        table = np.zeros(max(int(raw.max()) + 1, len(lut)), np.uint8)
-        table[: len(lut)] = lut  # ids not named in the JSON map to 0
-        data = table[raw]
-    data, affine = resample(data, vol.affine, spacing, order=0)
+        ids, inverse = np.unique(raw, return_inverse=True)
+        mapped = np.array([lut[i] if i < len(lut) else 0 for i in ids], np.uint8)  # ids not named in the JSON: 0
+        data = mapped[inverse].reshape(raw.shape)
+    return label_onto_grid(data, vol.affine, image.shape[:3], image.affine, path, image_path)
+
+
+def process_label(
+    path: Path,
+    lut: np.ndarray | None,
+    spacing: float | None,
+    what: str,
+    image: nib.Nifti1Image,
+    image_path: Path,
+):
+    """`load_label`, then resampled and cropped as its image (`process_image`)."""
+    data = load_label(path, lut, image, image_path, what)
+    data, affine = resample(data, image.affine, spacing, order=0)
     data, affine = crop_or_pad_centre(data, affine)
     return data.astype(np.uint8), affine
 
@@ -369,11 +393,10 @@ def output_files(img: Image) -> dict[str, str]:
     }
 
 
-def check_pair_grids(mr: Image, ct: Image, spacing: float | None) -> None:
+def check_pair_grids(mr: Image, ct: Image, spacing: float | None, affines: dict[str, np.ndarray]) -> None:
     if spacing is not None:
         return
-    a = spacing_of(nib.as_closest_canonical(nib.load(str(mr.path))).affine)
-    b = spacing_of(nib.as_closest_canonical(nib.load(str(ct.path))).affine)
+    a, b = spacing_of(affines[mr.stem]), spacing_of(affines[ct.stem])
     if not np.allclose(a, b, atol=1e-3):
         raise fail(
             f"{mr.path} (spacing {np.round(a, 3).tolist()}) and {ct.path} (spacing {np.round(b, 3).tolist()}) "
@@ -425,38 +448,59 @@ def main(argv: list[str] | None = None) -> int:
         raise fail(f"{json_path}: no training pairs left after removing the `registration_val` cases")
 
     images: dict[str, Image] = {}
-    for mr, ct in training + validation + test:
-        check_pair_grids(mr, ct, args.spacing)
-        images.setdefault(mr.stem, mr)
-        images.setdefault(ct.stem, ct)
+    for split, pairs in (("training_paired_images", training), ("registration_val", validation), ("test", test)):
+        names: dict[str, tuple[Image, Image]] = {}
+        for mr, ct in pairs:
+            for img in (mr, ct):
+                known = images.setdefault(img.stem, img)
+                if known.path.resolve() != img.path.resolve():  # both would be written to one output file
+                    raise fail(
+                        f"{known.path} and {img.path} are both case {img.case} channel {img.channel:04d}; "
+                        f"their outputs would overwrite each other ({output_files(img)['image']})"
+                    )
+            name = pair_name(mr, ct)
+            if name in names:
+                raise fail(
+                    f"{json_path} `{split}` lists the pair {name} ({mr.path.name}, {ct.path.name}) more than once, "
+                    f"or two pairs with one name; pair names must be unique"
+                )
+            names[name] = (mr, ct)
 
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise fail(f"output path {out} exists and is not a folder")
-    has_mask = {}
-    for stem, img in images.items():  # check every file before writing anything
+    has_mask, affines = {}, {}
+    for stem, img in tqdm(sorted(images.items()), desc="checking volumes", unit="volume"):  # before any write
         label_dir = "labelsTs" if img.path.parent.name == "imagesTs" else "labelsTr"
         label = root / label_dir / img.path.name
         if not label.is_file():
             raise fail(f"label file {label} for {img.path} not found")
         mask_dir = "masksTs" if img.path.parent.name == "imagesTs" else "masksTr"
         has_mask[stem] = (root / mask_dir / img.path.name).is_file()
-    for sub in ("mr", "ct", "labels") + (("masks",) if any(has_mask.values()) else ()):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+        lut = luts.get(img.channel, luts.get(None))
+        if lut is None:
+            raise fail(f"{json_path} `labels` has no table for channel {img.channel} ({img.path.name})")
+        vol = load_image(img)
+        affines[stem] = vol.affine
+        load_label(label, lut, vol, img.path, "label")
+        if has_mask[stem]:
+            load_label(root / mask_dir / img.path.name, None, vol, img.path, "mask")
+    for mr, ct in training + validation + test:
+        check_pair_grids(mr, ct, args.spacing, affines)
+    prepare_out_dir(out, ("mr", "ct", "labels") + (("masks",) if any(has_mask.values()) else ()))
 
     for stem, img in tqdm(sorted(images.items()), desc="preparing volumes", unit="volume"):
         files = output_files(img)
         label_dir = "labelsTs" if img.path.parent.name == "imagesTs" else "labelsTr"
         lut = luts.get(img.channel, luts.get(None))
-        if lut is None:
-            raise fail(f"{json_path} `labels` has no table for channel {img.channel} ({img.path.name})")
-        image, affine = process_image(img, args.spacing)
-        label, _ = process_label(root / label_dir / img.path.name, lut, args.spacing, "label")
+        vol = load_image(img)
+        image, affine = process_image(img, args.spacing, vol)
+        label, _ = process_label(root / label_dir / img.path.name, lut, args.spacing, "label", vol, img.path)
         atomic_save(nifti(image, affine), out / files["image"])
         atomic_save(nifti(label, affine), out / files["label"])
         if has_mask[stem]:
             mask_dir = "masksTs" if img.path.parent.name == "imagesTs" else "masksTr"
-            mask, _ = process_label(root / mask_dir / img.path.name, None, args.spacing, "mask")
+            mask, _ = process_label(root / mask_dir / img.path.name, None, args.spacing, "mask", vol, img.path)
             atomic_save(nifti(mask, affine), out / files["mask"])
 
     spacing_text = f"{args.spacing:g} mm" if args.spacing else "native spacing"

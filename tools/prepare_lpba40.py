@@ -9,12 +9,16 @@ it themselves and point this tool at it. The tool reads, for each subject SNN,
 
 (`<root>` may also be the `delineation_space` folder itself), and for every subject
 
-1. squeezes the trailing singleton axis, reorients to RAS and resamples to 1 mm isotropic
+0. checks every subject before writing anything (nibabel is the one reader; a label map on another grid is
+   brought onto its image's grid by world coordinates, nearest neighbour; one that misses its image, a
+   non-singleton extra axis and label ids outside the 56 structures are errors naming the file),
+1. squeezes trailing singleton axes, reorients to RAS and resamples to 1 mm isotropic
    (trilinear for the image, nearest neighbour for the labels; `--spacing 0` keeps the grid),
 2. remaps the 56 structure ids (21-34, 41-50, 61-68, 81-92, 101-102, 121-122, 161-166, 181, 182)
    to 1..56 in ascending order (0 stays background; any other id is an error),
 3. crops/pads to 160x208x176 around the centre of the brain's bounding box (non-zero voxels),
-   updating the affine, and scales intensities to [0, 1] by the brain's 99.5th percentile,
+   updating the affine, and scales intensities to [0, 1]: background (the lowest value) 0, the brain's 99.5th
+   percentile 1 (a global scale or offset of the input, e.g. z-scoring, does not change the output),
 4. writes ``<out>/images/SNN_T1w.nii.gz`` (float32) and ``<out>/labels/SNN_label.nii.gz`` (uint8).
 
 It then writes ``<out>/datalist.json``: a 30/4/6 subject split (S01-S30 training, S31-S34
@@ -43,7 +47,14 @@ from tqdm import tqdm
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.niftiio import atomic_save, atomic_write_text  # noqa: E402
+from tools.niftiio import (  # noqa: E402
+    atomic_save,
+    atomic_write_text,
+    check_label_values,
+    label_onto_grid,
+    prepare_out_dir,
+    read_volume,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TARGET_SHAPE = (160, 208, 176)
@@ -106,28 +117,17 @@ def check_inputs(base: Path, subjects: list[str]) -> None:
         raise SystemExit("error: missing LPBA40 file(s):\n  " + "\n  ".join(missing_files))
 
 
-def load_3d(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Data (trailing singleton axes squeezed) and affine of an Analyze/NIfTI volume."""
-    try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises several types for broken headers/truncated data
-        raise SystemExit(f"error: cannot read {path}: {exc}") from exc
-    while data.ndim > 3 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise SystemExit(
-            f"error: {path} has shape {img.shape}; expected a 3D volume (optionally with a trailing singleton axis)"
-        )
-    return data, img.affine
+def load_3d(path: Path, what: str = "volume") -> tuple[np.ndarray, np.ndarray]:
+    """Data (trailing singleton axes of any count squeezed) and affine of an Analyze/NIfTI volume, read with nibabel
+    (`tools.niftiio.read_volume`: a non-singleton 4th axis, an unreadable file or NaN values are an error)."""
+    return read_volume(path, what)
 
 
 # ------------------------------------------------------------------------------------ processing
 def remap_labels(labels: np.ndarray, path: Path) -> np.ndarray:
-    """Map the 56 LPBA40 ids to 1..56 (uint8); any other non-zero id is an error naming the file."""
-    as_int = np.rint(labels).astype(np.int64)
-    if not np.array_equal(as_int, labels):
-        raise SystemExit(f"error: {path} has non-integer label values")
+    """Map the 56 LPBA40 ids to 1..56 (uint8); any other non-zero id (negative, > 255 or not an LPBA40 structure)
+    and non-integer values are an error naming the file."""
+    as_int = check_label_values(labels, path)
     ids = np.unique(as_int)
     unexpected = [int(i) for i in ids if i != 0 and int(i) not in LABEL_MAP]
     if unexpected:
@@ -175,26 +175,35 @@ def crop_or_pad(
     return out, new_affine
 
 
+def load_subject(image_path: Path, label_path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The image (float32), its labels remapped to 1..56 on the image's grid, and the image's affine.
+
+    The label map is brought onto the image's grid by world coordinates (nearest neighbour) when its shape or affine
+    differs; one that does not overlap the image, bad label ids and an image without non-zero voxels are errors
+    naming the file. Used by the pre-flight check of every subject and by the processing itself.
+    """
+    image, affine = load_3d(image_path, "image")
+    labels, label_affine = load_3d(label_path, "label")
+    labels = remap_labels(labels, label_path)  # before resampling: interpolation never invents ids
+    labels = label_onto_grid(labels, label_affine, image.shape, affine, label_path, image_path)
+    image = image.astype(np.float32)
+    if not image.size or image.min() == image.max():
+        raise SystemExit(f"error: {image_path} is empty (constant, no brain voxels)")
+    return image, labels, affine
+
+
 def process_subject(
     image_path: Path, label_path: Path, spacing: float = DEFAULT_SPACING
 ) -> tuple[nib.Nifti1Image, nib.Nifti1Image]:
-    image, affine = load_3d(image_path)
-    labels, _ = load_3d(label_path)
-    if image.shape != labels.shape:
-        raise SystemExit(
-            f"error: {label_path} has shape {labels.shape} but its image {image_path} has "
-            f"{image.shape}; they must share one grid"
-        )
-    image = image.astype(np.float32)
-    if not np.isfinite(image).all():
-        raise SystemExit(f"error: {image_path} contains NaN or infinite values")
-    labels = remap_labels(labels, label_path)  # before resampling: interpolation never invents ids
+    image, labels, affine = load_subject(image_path, label_path)
+    # background (the lowest value, 0 for LPBA40) to 0: a global offset of the input (a z-scored volume) changes nothing
+    image = image - image.min()
 
     # reorient both with the image's affine (the label map lies on the image's grid)
     image_img = nib.as_closest_canonical(nib.Nifti1Image(image, affine))
     label_img = nib.as_closest_canonical(nib.Nifti1Image(labels, affine))
     image, ras_affine = np.asarray(image_img.dataobj, dtype=np.float32), image_img.affine
-    labels = np.asarray(label_img.dataobj, dtype=np.uint8)
+    labels = np.asarray(label_img.dataobj).astype(np.uint8)
 
     image, new_affine = resample(image, ras_affine, spacing, order=1)
     labels, _ = resample(labels, ras_affine, spacing, order=0)
@@ -334,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     check_inputs(base, subjects)
     splits = split_subjects(subjects, args.split_seed)  # fails early on too few subjects
 
-    (args.out / "images").mkdir(parents=True, exist_ok=True)
-    (args.out / "labels").mkdir(parents=True, exist_ok=True)
+    for subject in tqdm(subjects, desc="checking LPBA40", unit="subject"):  # every input, before any write
+        load_subject(*subject_files(base, subject))
+    prepare_out_dir(args.out, ("images", "labels"))
     for subject in tqdm(subjects, desc="preparing LPBA40", unit="subject"):
         image_path, label_path = subject_files(base, subject)
         image, labels = process_subject(image_path, label_path, args.spacing)

@@ -22,6 +22,8 @@ BUNDLES = ROOT / "bundles"
 COPIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "scripts/common.py": ("rem_sr", ("refdrn", "f3rnet_ct_mri")),
     "scripts/registration_metrics.py": ("refdrn", ("f3rnet_ct_mri",)),
+    "scripts/pairs.py": ("refdrn", ("f3rnet_ct_mri",)),
+    "scripts/intensity.py": ("rem_sr", ("refdrn",)),
 }
 
 

@@ -76,9 +76,9 @@ def test_inference_writes_ddf_warped_image_and_label_on_the_input_grid(trained, 
             "output_dir": str(tmp_path),
         },
     )
-    case = tmp_path / "case003_ct"  # the test pair, ct2mri: moving CT
+    case = tmp_path / "case003"  # the test pair (its datalist name), ct2mri: moving CT
     moving = nib.load(str(phantoms / "ct" / "case003_ct.nii.gz"))
-    outputs = {p: nib.load(str(case / f"case003_ct_{p}.nii.gz")) for p in ("ddf", "warped", "warped_label")}
+    outputs = {p: nib.load(str(case / f"case003_{p}.nii.gz")) for p in ("ddf", "warped", "warped_label")}
     for postfix, img in outputs.items():
         assert img.shape[:3] == SHAPE, postfix
         assert np.allclose(img.affine, moving.affine, atol=1e-5), postfix

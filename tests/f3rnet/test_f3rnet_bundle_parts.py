@@ -74,15 +74,17 @@ def test_datalist_direction_mismatch_and_empty_section(tmp_path):
         checks.checked_pairs(str(tmp_path / "dl.json"), str(tmp_path), "test", direction="mri2ct")
 
 
-def test_label_on_another_grid_and_one_sided_file_pair_are_rejected(tmp_path):
+def test_label_outside_its_image_and_one_sided_file_pair_are_rejected(tmp_path):
     img = save_nifti(np.zeros((16, 16, 16), np.float32), tmp_path / "a.nii.gz")
-    label = save_nifti(np.zeros((16, 16, 12), np.uint8), tmp_path / "l.nii.gz")
-    with pytest.raises(checks.BundleInputError, match=f"{label}: label grid"):
+    # a label on another grid is resampled onto its image's (tests/test_label_geometry.py); one that lies wholly
+    # outside its image's field of view is refused
+    label = save_nifti(np.zeros((16, 16, 12), np.uint8), tmp_path / "l.nii.gz", origin=(40.0, 0.0, 0.0))
+    with pytest.raises(checks.BundleInputError, match=f"{label} \\('moving_label'\\): the label .* does not overlap"):
         checks.check_pairs([{"fixed_image": str(img), "moving_image": str(img), "moving_label": str(label)}])
     with pytest.raises(checks.BundleInputError, match="give both --moving_image and --fixed_image"):
         checks.inference_pairs("unused.json", ".", "test", moving_image=str(img))
     pairs = checks.inference_pairs("unused.json", ".", "test", 16, "ct2mri", str(img), str(img))
-    assert pairs == [{"moving_image": str(img), "fixed_image": str(img)}]
+    assert pairs == [{"moving_image": str(img), "fixed_image": str(img), "name": "a"}]
 
 
 def test_check_weights_accepts_ddp_style_wrappers_and_names_the_network_and_hint(tmp_path):
@@ -116,7 +118,7 @@ def test_warp_moving_keeps_metadata_and_label_values():
     ddf[0] = 1.0  # one voxel along the first axis
     image = torch.arange(8.0)[:, None, None].expand(8, 8, 8)[None].clone()
     label = (torch.arange(8)[:, None, None].expand(8, 8, 8)[None] % 3).to(torch.uint8)
-    out = transforms.WarpMovingd()({"pred": ddf, "moving_raw": image, "moving_label": label})
+    out = transforms.WarpMovingd(image_key="moving_raw")({"pred": ddf, "moving_raw": image, "moving_label": label})
     torch.testing.assert_close(out["warped_moving_raw"][0, :7].as_tensor(), image[0, 1:])
     assert out["warped_moving_label"].dtype == torch.uint8
     assert torch.equal(out["warped_moving_label"][0, :7].as_tensor(), label[0, 1:])

@@ -69,5 +69,7 @@ def test_percentile_scaling_round_trip():
     d = transforms.PercentileScaled("image")({"image": x})
     assert d["intensity_factor"] > 900
     assert float(d["image"].max()) < 1.02
-    back = transforms.RestoreIntensityd("pred")({"pred": d["image"], "intensity_factor": d["intensity_factor"]})
+    back = transforms.RestoreIntensityd("pred")(
+        {"pred": d["image"], "intensity_factor": d["intensity_factor"], "intensity_offset": d["intensity_offset"]}
+    )
     assert torch.allclose(back["pred"].as_tensor(), x.as_tensor(), rtol=1e-5)

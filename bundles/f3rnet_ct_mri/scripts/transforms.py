@@ -6,11 +6,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from monai.data import MetaTensor
-from monai.networks.blocks import Warp
 from monai.transforms import MapTransform, ScaleIntensityRange, ScaleIntensityRangePercentiles
 
 from .checks import check_direction
+from .pairs import WarpMovingd  # noqa: F401  (re-exported for the configs: one implementation, scripts/pairs.py)
 
 # which image of the pair is which modality, per direction
 MODALITIES = {"ct2mri": {"moving": "ct", "fixed": "mr"}, "mri2ct": {"moving": "mr", "fixed": "ct"}}
@@ -82,53 +81,4 @@ class NormalizeCTMRd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self.normalizers[key](torch.as_tensor(d[key]).float())
-        return d
-
-
-class WarpMovingd(MapTransform):
-    """
-    Warp `image_key` (bilinear, border padding) and, when present, `label_key` (nearest, zero padding, rounded to
-    uint8) with the DDF in `ddf_key` (voxel units, MONAI ``Warp`` convention), writing ``warped_<key>``; both
-    outputs get the DDF's metadata (the input grid and affine).
-
-    Source: the spatial transformer that warps ``I_m`` with ``phi`` (Xu et al., "F3RNet: Full-Resolution Residual
-    Registration Network for Multimodal Image Registration", Section 2.1), here MONAI ``Warp``.
-
-    Args:
-        ddf_key: key of the DDF [3, D, H, W] (voxels).
-        image_key: key of the moving image [C, D, H, W] on the DDF's grid (optional in the data).
-        label_key: key of the moving label map [1, D, H, W] on the DDF's grid (optional in the data).
-    """
-
-    def __init__(self, ddf_key: str = "pred", image_key: str = "moving_raw", label_key: str = "moving_label"):
-        super().__init__([image_key, label_key], allow_missing_keys=True)
-        self.ddf_key, self.image_key, self.label_key = ddf_key, image_key, label_key
-        self.warp_image = Warp(mode="bilinear", padding_mode="border")
-        self.warp_label = Warp(mode="nearest", padding_mode="zeros")
-
-    def __call__(self, data: Mapping) -> dict:
-        """
-        Args:
-            data: a dictionary holding the DDF [3, D, H, W] under ``ddf_key`` and, optionally, the moving image and
-                label under ``image_key`` and ``label_key``.
-
-        Returns:
-            a shallow copy of ``data`` with ``warped_<image_key>`` (float32 [C, D, H, W]) and
-            ``warped_<label_key>`` (uint8 [1, D, H, W]) for the keys present.
-
-        Raises:
-            KeyError: when ``ddf_key`` is missing.
-            ValueError: when an image's spatial size differs from the DDF's (raised by MONAI's ``Warp``).
-        """
-        d = dict(data)
-        ddf = d[self.ddf_key]
-        plain_ddf = torch.as_tensor(ddf).as_subclass(torch.Tensor)[None].float()
-        meta = ddf.meta if isinstance(ddf, MetaTensor) else {}
-        if self.image_key in d:
-            image = torch.as_tensor(d[self.image_key]).as_subclass(torch.Tensor)[None].float().to(plain_ddf.device)
-            d[f"warped_{self.image_key}"] = MetaTensor(self.warp_image(image, plain_ddf)[0], meta=meta)
-        if self.label_key in d:
-            label = torch.as_tensor(d[self.label_key]).as_subclass(torch.Tensor)[None].float().to(plain_ddf.device)
-            warped = self.warp_label(label, plain_ddf)[0].round().to(torch.uint8)
-            d[f"warped_{self.label_key}"] = MetaTensor(warped, meta=meta)
         return d

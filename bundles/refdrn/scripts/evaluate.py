@@ -130,18 +130,19 @@ class RegistrationEvaluateStep:
 
     Args:
         num_classes: label ids must be below this (the ``num_classes`` of the Dice/HD95/ASD metrics); None: no
-            check.
+            check. evaluate.json's datalist check (``scripts.pairs.check_pairs``) already refuses such ids before
+            anything runs; this guards the step when it is used on its own.
 
     Raises:
-        BundleInputError: (on a call) a label map holds an id >= `num_classes` or > 255; the message names the file.
+        BundleInputError: (on a call) a label map holds an id >= `num_classes`; the message names the file.
     """
 
     def __init__(self, num_classes: int | None = None) -> None:
         self.num_classes = num_classes
 
     def check_labels(self, batch: Mapping) -> None:
-        """Raise a BundleInputError naming the label file when its largest id is >= ``num_classes`` or above 255
-        (the warped label map is uint8, ``scripts.transforms.WarpMovingd``)."""
+        """Raise a BundleInputError naming the label file when its largest id is >= ``num_classes`` (any id fits the
+        warped label map: ``scripts.pairs.WarpMovingd`` picks uint8, int16 or int32)."""
         for key in ("moving_label", "fixed_label"):
             labels = batch[key]
             top = int(_plain(labels).max())
@@ -150,10 +151,6 @@ class RegistrationEvaluateStep:
                 raise BundleInputError(
                     f"{files}: label id {top} >= num_classes {self.num_classes}; "
                     f"set --num_classes to the largest label id + 1"
-                )
-            if top > 255:
-                raise BundleInputError(
-                    f"{files}: label id {top} > 255; relabel the maps to ids 0..255 (the warped labels are uint8)"
                 )
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ from .common import (  # noqa: F401  (re-exported: configs and tests use scripts
     config_flag,
     load_checked_weights,
     load_datalist,
+    unique_case_names,
 )
 
 DATA_HINT = "Run `python tools/fetch_sample_data.py` for the sample data."
@@ -41,10 +42,16 @@ def checked_datalist(
     keys: Sequence[str],
     min_size: int | Sequence[int] = 1,
     optional_keys: Sequence[str] = (),
+    unique_names: bool = False,
 ) -> list[dict]:
     """`load_datalist` + `check_items`, as one callable for configs (``_target_``).
 
+    With `unique_names` every item also gets its own output name (``item["name"]``: the given one, else the stem of
+    its first key's file, made unique with parent folder names: ``common.unique_case_names``), so that no case's
+    outputs overwrite another's.
+
     Raises:
-        BundleInputError: as `load_datalist` and `check_items`.
+        BundleInputError: as `load_datalist` and `check_items`; with `unique_names`, as ``unique_case_names``.
     """
-    return check_items(load_datalist(datalist, dataset_dir, section, DATA_HINT), keys, min_size, optional_keys)
+    items = check_items(load_datalist(datalist, dataset_dir, section, DATA_HINT), keys, min_size, optional_keys)
+    return unique_case_names(items, list(keys)[:1]) if unique_names else items

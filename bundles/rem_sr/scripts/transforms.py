@@ -3,7 +3,8 @@
 REM (K. Sun and S. Simon, "A Resolution Enhancement Plug-in for Deformable Registration of Medical Images",
 Section III-A) processes the *trilinear-upsampled* LR image, so inference first upsamples the LR NIfTI onto the
 target grid (:class:`UpsampleToTargetd`), scales the intensities the way the training volumes were scaled
-(:class:`PercentileScaled`) and undoes that scaling on the output (:class:`RestoreIntensityd`).
+(``scripts.intensity.PercentileScaled``, re-exported here) and undoes that scaling on the output
+(``scripts.intensity.RestoreIntensityd``).
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform, Zoom
+from monai.transforms import MapTransform, Resize
 
 from .checks import BundleInputError
+from .intensity import PercentileScaled, RestoreIntensityd  # noqa: F401  (re-exported for the configs)
 
 
 def _spacing(img: MetaTensor) -> np.ndarray:
@@ -27,18 +28,23 @@ def _spacing(img: MetaTensor) -> np.ndarray:
 
 class UpsampleToTargetd(MapTransform):
     """
-    Trilinear upsampling of a low-resolution volume onto the target grid, with the affine updated (MONAI ``Zoom``).
+    Trilinear upsampling of a low-resolution volume onto the target grid, with the affine updated (MONAI ``Resize``).
 
     Give either `scale` (a number or one per axis) or `target_spacing` (mm, one number or one per
     axis); `target_spacing` wins when both are set. Uses ``align_corners=False``, the grid REM was
-    trained on, so the field of view is kept and the voxel size becomes spacing / scale.
+    trained on, so the field of view is kept and the voxel size becomes field of view / new size.
+    The new size of an axis is ``size * spacing / target_spacing`` (or ``size * scale``) rounded to the nearest
+    integer, so that a spacing stored inexactly (float32 headers, oblique affines: 2.0999999 mm for 2.1 mm) gives
+    the intended grid; an axis whose spacing is within `spacing_rtol` of the target is left unchanged (not
+    resampled), and a volume with every axis unchanged is returned as it is.
     Source: REM's input is the trilinear-upsampled LR image (Sun & Simon, "A Resolution Enhancement Plug-in for
-    Deformable Registration of Medical Images", Section III-A); the resampling is MONAI's ``Zoom``.
+    Deformable Registration of Medical Images", Section III-A); the resampling is MONAI's ``Resize``.
 
     Args:
         keys: the key(s) of the LR volumes, MetaTensors [C, d, h, w] with an affine.
         scale: the upsampling factor (>= 1), one number or one per spatial axis.
         target_spacing: the target voxel size in mm, one number or one per spatial axis (> 0).
+        spacing_rtol: relative tolerance under which an axis counts as already at `target_spacing`.
         allow_missing_keys: don't raise an exception when a key is missing.
 
     Raises:
@@ -50,6 +56,7 @@ class UpsampleToTargetd(MapTransform):
         keys: KeysCollection,
         scale: float | Sequence[float] | None = 4,
         target_spacing: float | Sequence[float] | None = None,
+        spacing_rtol: float = 1e-3,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
@@ -57,6 +64,7 @@ class UpsampleToTargetd(MapTransform):
             raise BundleInputError("set either `scale` or `target_spacing` for the upsampling")
         self.scale = scale
         self.target_spacing = target_spacing
+        self.spacing_rtol = float(spacing_rtol)
 
     def zoom_for(self, img: MetaTensor) -> list[float]:
         """
@@ -67,7 +75,8 @@ class UpsampleToTargetd(MapTransform):
                 is set.
 
         Returns:
-            three zoom factors: ``spacing / target_spacing`` per axis, or ``scale`` broadcast to 3 axes.
+            three zoom factors: ``spacing / target_spacing`` per axis (exactly 1 for an axis within
+            ``spacing_rtol`` of the target), or ``scale`` broadcast to 3 axes.
 
         Raises:
             BundleInputError: (a ``ValueError``) when ``target_spacing`` is not positive or ``scale`` is below 1.
@@ -76,11 +85,30 @@ class UpsampleToTargetd(MapTransform):
             target = np.broadcast_to(np.asarray(self.target_spacing, dtype=float), (3,))
             if np.any(target <= 0):
                 raise BundleInputError(f"target_spacing must be positive, got {self.target_spacing}")
-            return list(_spacing(img) / target)
+            spacing = _spacing(img)
+            at_target = np.isclose(spacing, target, rtol=self.spacing_rtol, atol=0.0)
+            return [1.0 if same else float(s / t) for s, t, same in zip(spacing, target, at_target)]
         zoom = np.broadcast_to(np.asarray(self.scale, dtype=float), (3,))
         if np.any(zoom < 1):
             raise BundleInputError(f"scale must be >= 1 for super-resolution, got {self.scale}")
-        return list(zoom)
+        return [float(z) for z in zoom]
+
+    def size_for(self, img: MetaTensor) -> list[int]:
+        """
+        The upsampled grid size of one image: ``size * zoom`` per axis (:meth:`zoom_for`), rounded to the nearest
+        integer (at least 1); an axis with zoom 1 keeps its size.
+
+        Args:
+            img: the LR volume [C, d, h, w].
+
+        Returns:
+            three sizes in voxels, e.g. ``[40, 40, 60]`` for 40x40x20 at 0.7/0.7/2.1 mm and ``target_spacing`` 0.7.
+
+        Raises:
+            BundleInputError: as :meth:`zoom_for`.
+        """
+        sizes = [int(s) for s in img.shape[1:4]]
+        return [s if z == 1 else max(1, int(np.floor(s * z + 0.5))) for s, z in zip(sizes, self.zoom_for(img))]
 
     def __call__(self, data: Mapping) -> dict:
         """
@@ -88,8 +116,9 @@ class UpsampleToTargetd(MapTransform):
             data: a dictionary holding the LR MetaTensor(s) [C, d, h, w] under ``keys``.
 
         Returns:
-            a shallow copy of ``data`` with each volume replaced by its upsampled version [C, D, H, W], whose
-            affine has the new voxel size (same field of view).
+            a shallow copy of ``data`` with each volume replaced by its upsampled version [C, D, H, W]
+            (:meth:`size_for`), whose affine has the new voxel size (same field of view); a volume whose size does
+            not change is returned unchanged.
 
         Raises:
             BundleInputError: (a ``ValueError``) for an invalid ``scale`` or ``target_spacing`` (see
@@ -98,128 +127,7 @@ class UpsampleToTargetd(MapTransform):
         """
         d = dict(data)
         for key in self.key_iterator(d):
-            zoom = self.zoom_for(d[key])
-            d[key] = Zoom(zoom=zoom, mode="trilinear", align_corners=False, keep_size=False)(d[key])
-        return d
-
-
-class PercentileScaled(MapTransform):
-    """
-    Divide each volume by the `percentile` of its non-zero voxels and remember the factor for the way back.
-
-    REM was trained on volumes scaled so that the brain's 99.5th percentile is 1 (a choice of this bundle; the
-    paper does not state its intensity normalisation). At most about one million non-zero voxels (a regular
-    subsample) are used to compute the percentile; an empty or non-positive percentile gives the factor 1.
-
-    Args:
-        keys: the key(s) of the volumes, any shape, in the scanner's intensity units.
-        percentile: the percentile (0-100) mapped to 1.
-        factor_key: where the scale factor (a float, in the input's intensity units) is stored.
-        allow_missing_keys: don't raise an exception when a key is missing.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        percentile: float = 99.5,
-        factor_key: str = "intensity_factor",
-        allow_missing_keys: bool = False,
-    ):
-        super().__init__(keys, allow_missing_keys)
-        self.percentile = percentile
-        self.factor_key = factor_key
-
-    def __call__(self, data: Mapping) -> dict:
-        """
-        Args:
-            data: a dictionary holding the volume(s) under ``keys``.
-
-        Returns:
-            a shallow copy of ``data`` with each volume divided by its factor (dimensionless, percentile = 1) and
-            ``factor_key`` set to that factor (for several keys, the last one's).
-
-        Raises:
-            KeyError: when a key is missing and ``allow_missing_keys`` is false.
-        """
-        d = dict(data)
-        for key in self.key_iterator(d):
-            values = torch.as_tensor(d[key]).float()
-            nonzero = values[values != 0]
-            factor = (
-                float(torch.quantile(nonzero[:: max(1, nonzero.numel() // 1_000_000)], self.percentile / 100))
-                if nonzero.numel()
-                else 1.0
-            )
-            factor = factor if factor > 0 else 1.0
-            d[key] = d[key] / factor
-            d[self.factor_key] = factor
-        return d
-
-
-class RestoreIntensityd(MapTransform):
-    """
-    Multiply by the factor that :class:`PercentileScaled` removed, so outputs are in the input's intensity units.
-
-    Args:
-        keys: the key(s) of the volumes to rescale.
-        factor_key: where :class:`PercentileScaled` stored the factor (1 when absent).
-        allow_missing_keys: don't raise an exception when a key is missing.
-    """
-
-    def __init__(self, keys: KeysCollection, factor_key: str = "intensity_factor", allow_missing_keys: bool = False):
-        super().__init__(keys, allow_missing_keys)
-        self.factor_key = factor_key
-
-    def __call__(self, data: Mapping) -> dict:
-        """
-        Args:
-            data: a dictionary holding the volume(s) under ``keys`` and, optionally, the factor under
-                ``factor_key`` (a number, or a batched tensor of which the first entry is used).
-
-        Returns:
-            a shallow copy of ``data`` with each volume multiplied by the factor.
-
-        Raises:
-            KeyError: when a key is missing and ``allow_missing_keys`` is false.
-        """
-        d = dict(data)
-        factor = float(torch.as_tensor(d.get(self.factor_key, 1.0)).reshape(-1)[0])
-        for key in self.key_iterator(d):
-            d[key] = d[key] * factor
-        return d
-
-
-class ShareCaseNamed(MapTransform):
-    """
-    Give the MetaTensors under `keys` the source file name of `source`, so that ``SaveImaged`` puts all of a
-    case's outputs in one folder named after the input (each file keeps its own affine).
-
-    Args:
-        keys: the key(s) of the outputs to rename; non-MetaTensor values are left alone.
-        source: the key of the MetaTensor whose ``filename_or_obj`` metadata is copied.
-        allow_missing_keys: don't raise an exception when a key is missing (default true).
-    """
-
-    def __init__(self, keys: KeysCollection, source: str = "image", allow_missing_keys: bool = True):
-        super().__init__(keys, allow_missing_keys)
-        self.source = source
-
-    def __call__(self, data: Mapping) -> dict:
-        """
-        Args:
-            data: a dictionary holding a MetaTensor under ``source`` and the outputs under ``keys``.
-
-        Returns:
-            ``data`` (shallow copy) whose MetaTensors under ``keys`` have ``meta["filename_or_obj"]`` set, in place,
-            to the one of ``source``.
-
-        Raises:
-            KeyError: when ``source`` is missing, or a key is missing and ``allow_missing_keys`` is false.
-            AttributeError: when ``data[source]`` has no ``meta`` (not a MetaTensor).
-        """
-        d = dict(data)
-        name = d[self.source].meta.get("filename_or_obj")
-        for key in self.key_iterator(d):
-            if isinstance(d[key], MetaTensor):
-                d[key].meta["filename_or_obj"] = name
+            size = self.size_for(d[key])
+            if size != [int(s) for s in d[key].shape[1:4]]:
+                d[key] = Resize(spatial_size=size, mode="trilinear", align_corners=False)(d[key])
         return d
