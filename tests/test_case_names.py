@@ -105,7 +105,7 @@ def test_refdrn_two_pairs_sharing_the_moving_image_give_two_folders(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == names
     assert not np.allclose(*[read(out / n / f"{n}_sr_fixed.nii.gz") for n in names])
     for name in names:
-        assert len(list((out / name).glob("*.nii.gz"))) == 4  # sr_fixed, sr_moving, ddf, warped (no label given)
+        assert len(list((out / name).glob("*.nii.gz"))) == 5  # sr_fixed, sr_moving, ddf, ddf_itk, warped (no label)
 
 
 def test_f3rnet_pairs_sharing_the_moving_image_and_named_items_give_their_folders(tmp_path):
@@ -123,6 +123,7 @@ def test_f3rnet_pairs_sharing_the_moving_image_and_named_items_give_their_folder
     assert sorted(p.name for p in out.iterdir()) == ["case003_ct", "liver.case"]
     assert sorted(p.name for p in (out / "liver.case").iterdir()) == [
         "liver.case_ddf.nii.gz",
+        "liver.case_ddf_itk.nii.gz",
         "liver.case_warped.nii.gz",
     ]
     ddfs = [read(out / n / f"{n}_ddf.nii.gz") for n in ("case003_ct", "liver.case")]

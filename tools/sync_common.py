@@ -24,6 +24,7 @@ COPIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "scripts/registration_metrics.py": ("refdrn", ("f3rnet_ct_mri",)),
     "scripts/pairs.py": ("refdrn", ("f3rnet_ct_mri",)),
     "scripts/intensity.py": ("rem_sr", ("refdrn",)),
+    "scripts/itk_ddf.py": ("refdrn", ("f3rnet_ct_mri",)),
 }
 
 

@@ -49,3 +49,40 @@ def checked_pairs(
     return check_pairs(
         load_datalist(datalist, dataset_dir, section, DATA_HINT), min_size, require_labels, num_classes, unique_names
     )
+
+
+def inference_pairs(
+    datalist: str,
+    dataset_dir: str,
+    section: str,
+    min_size: int | Sequence[int] = 1,
+    moving_image: str | None = None,
+    fixed_image: str | None = None,
+    moving_label: str | None = None,
+) -> list[dict]:
+    """The pairs to register: one pair given by file (``--moving_image a --fixed_image b [--moving_label c]``),
+    or else the `section` list of the datalist; checked (`check_pairs`), each with its own output name (``name``).
+
+    Args:
+        datalist: the datalist JSON file (not read when the files are given).
+        dataset_dir: the folder relative paths of the datalist are resolved against.
+        section: the list to read (``test`` for inference).
+        min_size: smallest size per spatial axis of the images.
+        moving_image: the moving volume of the single pair, or None.
+        fixed_image: the fixed volume of the single pair, or None.
+        moving_label: optional label map of the moving volume (warped with the DDF).
+
+    Returns:
+        the checked items, each with ``name``.
+
+    Raises:
+        BundleInputError: only one of the two images given, or as `checked_pairs`.
+    """
+    if moving_image or fixed_image:
+        if not (moving_image and fixed_image):
+            raise BundleInputError("give both --moving_image and --fixed_image (or neither, to use the datalist)")
+        item = {"moving_image": str(moving_image), "fixed_image": str(fixed_image)}
+        if moving_label:
+            item["moving_label"] = str(moving_label)
+        return check_pairs([item], min_size, unique_names=True)
+    return checked_pairs(datalist, dataset_dir, section, min_size, unique_names=True)

@@ -34,6 +34,7 @@ __all__ = [
     "BundleInputError",
     "CaseNamed",
     "CaseNames",
+    "OutputPathsHandler",
     "PerCaseMetric",
     "PerCaseValueMetric",
     "RestoreOrientationd",
@@ -822,6 +823,9 @@ class PerCaseValueMetric(PerCaseMetric):
 
 
 # -------------------------------------------------------------------------------------------------- writing
+_WRITTEN: list[str] = []  # files written atomically since OutputPathsHandler last printed
+
+
 def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
     """Write `payload` to a temporary file beside `path` and rename it into place (parents created), so an
     interrupted run never leaves a half-written file. Returns the path."""
@@ -833,6 +837,7 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes) -> Path:
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+    _WRITTEN.append(str(final.resolve()))
     return final
 
 
@@ -859,8 +864,43 @@ class AtomicNibabelWriter(NibabelWriter):
             os.replace(tmp, final)
         finally:
             tmp.unlink(missing_ok=True)
+        _WRITTEN.append(str(final.resolve()))
         if verbose:
             print(f"wrote {final}")
+
+
+class OutputPathsHandler:
+    """Print where the outputs of every case went: after each iteration, one line per case,
+    ``<case>: <file>, <file>, ...`` (absolute paths, in the order they were written), on stdout.
+
+    It reports the files that :class:`AtomicNibabelWriter` (every ``SaveImaged`` of the configs uses it) and
+    `atomic_write_bytes` wrote during the iteration, grouped by their folder: the configs write
+    ``output_dir/<case>/<case>_<postfix>.nii.gz`` (``separate_folder``), so the folder is the case name. Add it to an
+    evaluator's ``val_handlers``; MONAI attaches it after the postprocessing, so the files of the iteration exist when
+    it prints.
+    """
+
+    def attach(self, engine: Engine) -> None:
+        """Attach to `engine`: forget earlier writes when an iteration starts, print when it completes."""
+        from ignite.engine import Events
+
+        engine.add_event_handler(Events.ITERATION_STARTED, lambda _: _WRITTEN.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: self.print_cases())
+
+    @staticmethod
+    def print_cases() -> dict[str, list[str]]:
+        """Print one line per case folder for the files written since the last call, and forget them.
+
+        Returns:
+            ``{case: [file, ...]}`` as printed.
+        """
+        cases: dict[str, list[str]] = {}
+        for path in _WRITTEN:
+            cases.setdefault(Path(path).parent.name, []).append(path)
+        _WRITTEN.clear()
+        for case, files in cases.items():
+            print(f"{case}: {', '.join(files)}", flush=True)
+        return cases
 
 
 # --------------------------------------------------------------------------------------------- the process

@@ -43,15 +43,30 @@ def checked_datalist(
     min_size: int | Sequence[int] = 1,
     optional_keys: Sequence[str] = (),
     unique_names: bool = False,
+    image: str | None = None,
 ) -> list[dict]:
-    """`load_datalist` + `check_items`, as one callable for configs (``_target_``).
+    """`load_datalist` + `check_items`, as one callable for configs (``_target_``); or one file (`image`).
 
     With `unique_names` every item also gets its own output name (``item["name"]``: the given one, else the stem of
     its first key's file, made unique with parent folder names: ``common.unique_case_names``), so that no case's
     outputs overwrite another's.
 
+    Args:
+        datalist: the datalist JSON file (not read when `image` is given).
+        dataset_dir: the folder relative paths of the datalist are resolved against.
+        section: the list to read (``training``, ``validation``, ``test``).
+        keys: the image keys every item must have, checked with `min_size`.
+        min_size: smallest size per spatial axis of the `keys` volumes.
+        optional_keys: keys checked when present (any size), e.g. ``reference``.
+        unique_names: give each item its own output name.
+        image: one volume to process instead of the datalist (``--image path``): a single item
+            ``{keys[0]: image}``, checked the same way and named after the file's stem.
+
     Raises:
         BundleInputError: as `load_datalist` and `check_items`; with `unique_names`, as ``unique_case_names``.
     """
-    items = check_items(load_datalist(datalist, dataset_dir, section, DATA_HINT), keys, min_size, optional_keys)
+    if image:
+        items = check_items([{list(keys)[0]: str(image)}], list(keys)[:1], min_size)
+    else:
+        items = check_items(load_datalist(datalist, dataset_dir, section, DATA_HINT), keys, min_size, optional_keys)
     return unique_case_names(items, list(keys)[:1]) if unique_names else items
