@@ -17,7 +17,7 @@ from .common import (  # noqa: F401  (re-exported: configs and tests use scripts
     load_datalist,
     volume_header,
 )
-from .pairs import check_pairs
+from .pairs import check_pairs, file_pair
 
 DATA_HINT = "Run `python tools/make_abdomen_phantoms.py` for the sample phantoms."
 
@@ -97,15 +97,11 @@ def inference_pairs(
     Raises:
         BundleInputError: only one of the two images given, or as `checked_pairs`.
     """
-    if moving_image or fixed_image:
-        if direction is not None:
-            check_direction(direction)
-        if not (moving_image and fixed_image):
-            raise BundleInputError("give both --moving_image and --fixed_image (or neither, to use the datalist)")
-        item = {"moving_image": str(moving_image), "fixed_image": str(fixed_image)}
-        if moving_label:
-            item["moving_label"] = str(moving_label)
-        return check_pairs([item], min_size, unique_names=True)
+    if (moving_image or fixed_image) and direction is not None:
+        check_direction(direction)
+    pair = file_pair(moving_image, fixed_image, moving_label, min_size)
+    if pair is not None:
+        return pair
     return checked_pairs(datalist, dataset_dir, section, min_size, direction=direction, unique_names=True)
 
 

@@ -335,6 +335,17 @@ def _plain_state(state) -> dict | None:
     return {str(k).removeprefix("module."): v for k, v in state.items()}
 
 
+def _load_file(path: str, where: str, file_kind: str, content_kind: str):
+    """``torch.load`` of a weights or checkpoint file on the CPU (``weights_only=True``); one `BundleInputError`
+    starting with `where` when the file is missing (``<file_kind> file not found``) or not loadable."""
+    if not os.path.isfile(path):
+        raise BundleInputError(f"{where}: {file_kind} file not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BundleInputError(f"{where}: not a loadable PyTorch {content_kind} ({str(e).splitlines()[0]})") from None
+
+
 def checked_state(path: str, network: torch.nn.Module, hint: str = "") -> dict:
     """The state dict at `path`, if its keys and tensor shapes fit `network` exactly.
 
@@ -350,12 +361,7 @@ def checked_state(path: str, network: torch.nn.Module, hint: str = "") -> dict:
         BundleInputError: missing file, not loadable with ``weights_only=True``, or keys/shapes that differ
             (the message counts missing, unexpected and wrongly shaped tensors, with one example each).
     """
-    if not os.path.isfile(path):
-        raise BundleInputError(f"{path}: weights file not found")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BundleInputError(f"{path}: not a loadable PyTorch state dict ({str(e).splitlines()[0]})") from None
+    loaded = _load_file(path, path, "weights", "state dict")
     module = unwrap(network)
     state = _plain_state(loaded)
     if state is None:
@@ -414,12 +420,7 @@ def check_resume_checkpoint(
             (``use --pretrained_weights``), an entry missing, a network or optimiser that does not fit.
     """
     where = f"--{key} {path}"
-    if not os.path.isfile(path):
-        raise BundleInputError(f"{where}: checkpoint file not found")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BundleInputError(f"{where}: not a loadable PyTorch checkpoint ({str(e).splitlines()[0]})") from None
+    loaded = _load_file(path, where, "checkpoint", "checkpoint")
     if not isinstance(loaded, dict) or "model" not in loaded:
         if _plain_state(loaded) is not None:
             raise BundleInputError(

@@ -28,7 +28,7 @@ from monai.transforms import MapTransform, ResampleToMatch
 
 from .common import BundleInputError, unique_case_names, volume_header
 
-__all__ = ["LabelsToImageGridd", "WarpMovingd", "check_pairs", "label_dtype", "ras_grid"]
+__all__ = ["LabelsToImageGridd", "WarpMovingd", "check_pairs", "file_pair", "label_dtype", "ras_grid"]
 
 # the largest label id a saved label map holds (int32, NIfTI's widest common integer type)
 MAX_LABEL_ID = int(np.iinfo(np.int32).max)
@@ -158,6 +158,28 @@ def check_pairs(
     if unique_names:
         unique_case_names(items, ("moving_image", "fixed_image"))
     return items
+
+
+def file_pair(
+    moving_image: str | None,
+    fixed_image: str | None,
+    moving_label: str | None = None,
+    min_size: int | Sequence[int] = 1,
+) -> list[dict] | None:
+    """The one pair given by file on the command line (``--moving_image a --fixed_image b [--moving_label c]``),
+    checked like a datalist pair (`check_pairs`, with its own output name), or None when no file is given.
+
+    Raises:
+        BundleInputError: only one of the two images given, or as `check_pairs`.
+    """
+    if not (moving_image or fixed_image):
+        return None
+    if not (moving_image and fixed_image):
+        raise BundleInputError("give both --moving_image and --fixed_image (or neither, to use the datalist)")
+    item = {"moving_image": str(moving_image), "fixed_image": str(fixed_image)}
+    if moving_label:
+        item["moving_label"] = str(moving_label)
+    return check_pairs([item], min_size, unique_names=True)
 
 
 def label_dtype(max_id: int) -> torch.dtype:

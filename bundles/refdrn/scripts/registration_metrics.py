@@ -48,7 +48,6 @@ __all__ = [
     "folding_percent",
     "global_ncc",
     "jacobian_determinant",
-    "nanmean",
     "sdlogj",
     "voxel_spacing",
 ]
@@ -335,10 +334,3 @@ class PhysicalSurfaceDistanceMetric(SurfaceDistanceMetric):
         return _surface_metric(
             compute, y_pred, y, self.num_classes, self.include_background, getattr(self, "ignore_index", None), spacing
         )
-
-
-def nanmean(values) -> float:
-    """Mean of the finite values (NaN when there are none)."""
-    arr = np.asarray(values, dtype=float)
-    arr = arr[np.isfinite(arr)]
-    return float(arr.mean()) if arr.size else float("nan")
