@@ -9,7 +9,10 @@ method (and grid value) with MONAI's bundle runner, each into its own folder, th
 and writes:
 
 - ``comparison.md``: one table per grid value, a row per metric, a column per method (mean ± std over cases);
-- ``comparison.json``: the same numbers.
+- ``comparison.json``: the same numbers;
+- ``<grid label>/comparison.png``: when the bundle's ``scripts/evaluate.py`` defines
+  ``comparison_figure(runs, path)``, one figure of the same case across every method (each method's figure
+  handler leaves its panels as ``figure_panels.npz`` in its run folder; ``runs`` maps method -> run folder).
 
 A method whose weights file (``ckpt_path`` for that method) is set but absent is reported as "not trained".
 With ``--card`` the table is pasted into the bundle's model card (between its results markers) and the numeric
@@ -143,6 +146,33 @@ def markdown(results: dict, methods: list[str], command: str) -> str:
     return "\n".join(lines)
 
 
+def comparison_figures(bundle_root: Path, out_dir: Path, results: dict) -> list[Path]:
+    """Call the bundle's ``scripts.evaluate.comparison_figure(runs, path)`` once per grid point, if it has one.
+
+    Returns the figures written (none when the bundle defines no comparison figure or no method ran).
+    """
+    import importlib
+
+    sys.path.insert(0, str(bundle_root))
+    try:
+        for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
+            del sys.modules[name]  # another bundle's scripts package may be loaded already
+        evaluate = importlib.import_module("scripts.evaluate")
+    finally:
+        sys.path.remove(str(bundle_root))
+    make = getattr(evaluate, "comparison_figure", None)
+    written = []
+    if make is None:
+        return written
+    for label, by_method in results.items():
+        runs = {m: out_dir / label / m for m, entry in by_method.items() if isinstance(entry, dict)}
+        if runs:
+            path = make(runs, out_dir / label / "comparison.png")
+            if path is not None:
+                written.append(Path(path))
+    return written
+
+
 def set_eval_metrics(metadata_text: str, metrics: dict[str, float]) -> str:
     """Replace the ``"eval_metrics": {...}`` block of a metadata.json text, keeping the rest of its layout.
 
@@ -244,6 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(json.dumps(results, indent=2), out_dir / "comparison.json")
     print("\n" + table)
     print(f"wrote {out_dir / 'comparison.md'} and comparison.json")
+    for figure in comparison_figures(bundle_root, out_dir, results):
+        print(f"wrote {figure}")
 
     if args.card:
         if args.methods or args.set:

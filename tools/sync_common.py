@@ -25,6 +25,7 @@ COPIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "scripts/pairs.py": ("refdrn", ("f3rnet_ct_mri",)),
     "scripts/intensity.py": ("rem_sr", ("refdrn",)),
     "scripts/itk_ddf.py": ("refdrn", ("f3rnet_ct_mri",)),
+    "scripts/figures.py": ("rem_sr", ("refdrn", "f3rnet_ct_mri")),
 }
 
 

@@ -189,3 +189,45 @@ class RestoreIntensityd(MapTransform):
             offset = self._number(d.get(_entry_key(self.offset_key, key)), 0.0)
             d[key] = d[key] * factor + offset
         return d
+
+
+class ClipToInputRanged(MapTransform):
+    """Clip a network output to the intensity range of the input it was computed from.
+
+    REM's output (and an image warped from it) overshoots at edges (ringing), e.g. negative values in the
+    background of an MR scan whose minimum is 0. With `enabled` the output under `keys` is clipped to ``[min, max]``
+    of the volume under `ref_key` (the untouched input, in the same units after ``RestoreIntensityd``); without it
+    the output is kept raw.
+
+    Args:
+        keys: the key(s) of the outputs ``[C, X, Y, Z]``, in the input's intensity units.
+        ref_key: the key of the input volume whose minimum and maximum bound the outputs.
+        enabled: clip (true) or keep the raw output (false): the config's ``clip_output`` flag.
+        allow_missing_keys: don't raise an exception when a key is missing.
+    """
+
+    def __init__(self, keys: KeysCollection, ref_key: str, enabled: bool = True, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.ref_key = ref_key
+        self.enabled = bool(enabled)
+
+    def __call__(self, data: Mapping) -> dict:
+        """
+        Args:
+            data: one case: the outputs under ``keys`` and the input under ``ref_key``.
+
+        Returns:
+            a shallow copy of ``data`` with the outputs clipped to the input's range (unchanged when not `enabled`
+            or when ``ref_key`` is absent).
+
+        Raises:
+            KeyError: a key is missing and ``allow_missing_keys`` is false.
+        """
+        d = dict(data)
+        ref = d.get(self.ref_key)
+        if not self.enabled or ref is None:
+            return d
+        low, high = float(ref.min()), float(ref.max())
+        for key in self.key_iterator(d):
+            d[key] = d[key].clamp(low, high)
+        return d
