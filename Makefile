@@ -8,8 +8,11 @@ PACKAGE_OUT ?= outputs/packages
 # the MONAI Deploy App SDK lives in its own venv (see requirements-deploy.txt for why)
 DEPLOY_VENV := .venv-deploy
 DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
+# the classical peers (elastix, ANTs, SimpleITK) live in their own venv: antspyx pins numpy below ours
+PEERS_VENV := .venv-peers
+PEERS_STAMP := $(PEERS_VENV)/.installed
 
-.PHONY: demo test lint format verify export package deploy-venv test-deploy data pairs phantoms train-rem evaluate-rem evaluate-refdrn evaluate-f3rnet clean
+.PHONY: demo test lint format verify export package deploy-venv test-deploy peers-venv test-peers benchmark memory data pairs phantoms train-rem evaluate-rem evaluate-refdrn evaluate-f3rnet clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-optional.txt
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +36,7 @@ demo: data
 	@echo "rem_sr demo outputs (LR input, SR output, HR reference):"
 	@find $(DEMO_OUT)/rem_sr -name "*.nii.gz" | sort
 	@echo "rem_sr table: $(DEMO_OUT)/rem_sr/evaluation/comparison.md"
-	@echo "rem_sr figure: $(DEMO_OUT)/rem_sr/evaluation/eval_scale_4/rem/sr_rem_x4.png"
+	@echo "rem_sr figure (every method at x4, same slices, shared error scale): $(DEMO_OUT)/rem_sr/evaluation/eval_scale_4/comparison.png"
 
 
 test: $(STAMP)
@@ -67,6 +70,17 @@ $(DEPLOY_STAMP): requirements.txt requirements-deploy.txt
 
 deploy-venv: $(DEPLOY_STAMP)
 
+$(PEERS_STAMP): requirements-peers.txt
+	$(PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-peers.txt
+	touch $(PEERS_STAMP)
+
+peers-venv: $(PEERS_STAMP)
+
+# the tests that need the peers (ANTs reading the ITK-convention DDF, the peer methods of the benchmark)
+test-peers: $(STAMP) $(PEERS_STAMP)
+	$(PY) -m pytest -q tests/test_itk_ddf.py
+
 # tests/test_deploy.py with the SDK test enabled (it runs a MONAI Deploy application in $(DEPLOY_VENV))
 test-deploy: $(STAMP) $(DEPLOY_STAMP)
 	$(PY) -m pytest -q tests/test_deploy.py
@@ -85,6 +99,18 @@ evaluate-refdrn: pairs
 
 evaluate-f3rnet: phantoms
 	$(COMPARE) f3rnet_ct_mri
+
+# the bundles against elastix and ANTs on the same pairs (tools/benchmark.py); the peers come from .venv-peers
+# (`make peers-venv`; without it elastix runs in .venv and ANTs is skipped). THREADS: threads of every method.
+THREADS ?= 2
+benchmark: pairs phantoms
+	$(PY) tools/benchmark.py rem_sr --threads $(THREADS)
+	$(PY) tools/benchmark.py refdrn --threads $(THREADS)
+	$(PY) tools/benchmark.py f3rnet_ct_mri --threads $(THREADS)
+
+# peak RSS of each bundle's inference at 128³, 192³ and 256³ (tools/peak_memory.py); CARD=1 fills the cards
+memory: $(STAMP)
+	for b in rem_sr refdrn f3rnet_ct_mri; do $(PY) tools/peak_memory.py $$b --threads $(THREADS) $(if $(CARD),--card) || exit 1; done
 
 clean:
 	rm -rf $(DEMO_OUT) $(PACKAGE_OUT) bundles/*/eval bundles/*/logs

@@ -20,6 +20,7 @@ def test_case_names_use_the_datalist_name_else_the_file_stem():
     collated = {"name": ["a", "b"], "moving_image": torch.zeros(2, 1, 2, 2, 2)}
     assert common.CaseNames("moving_image")(collated) == [{"filename_or_obj": "a"}, {"filename_or_obj": "b"}]
     assert common.case_name({"image": "/x/sub-01_T1w.nii.gz"}) == "sub-01_T1w"
+    assert common.case_name({"image": MetaTensor(torch.zeros(1, 2, 2, 2))}) == "case"  # made in memory: no file
     batched = MetaTensor(torch.zeros(1, 1, 2, 2, 2), meta={"filename_or_obj": ["/data/images/sub3_T1w.nii.gz"]})
     batched.is_batch = True
     assert common.CaseNames("moving_image")({"moving_image": batched}) == [{"filename_or_obj": "sub3_T1w"}]

@@ -16,6 +16,8 @@ the moving one (refdrn: fixed LPS-flipped, moving RAS; f3rnet: the phantoms' ori
 from __future__ import annotations
 
 import json
+import subprocess
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -27,6 +29,7 @@ from tests.helpers import make_pair_dataset, run_bundle
 from tools import make_abdomen_phantoms
 
 itk = pytest.importorskip("itk")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _itk_ddf_module():
@@ -169,13 +172,10 @@ def test_known_shift_file_is_read_by_itk_as_a_displacement_field(tmp_path):
     np.testing.assert_allclose(moved, [-ras[0], -ras[1], ras[2]], atol=1e-5)
 
 
-def test_ants_reads_the_itk_field():
-    pytest.importorskip(
-        "ants", reason="antspyx is not installed in this venv (it belongs to the optional peers venv, issue 15)"
-    )
-
-
-def test_refdrn_both_ddf_files_reproduce_the_warped_outputs(tmp_path):
+@pytest.fixture(scope="module")
+def refdrn_case(tmp_path_factory):
+    """refdrn's inference on a tiny ×4 pair whose fixed image is stored LPS: (case folder, case name, pair root)."""
+    tmp_path = tmp_path_factory.mktemp("refdrn_itk")
     root = make_pair_dataset(tmp_path / "pairs")
     item = {}
     for role, sub in (("moving_image", 3), ("fixed_image", 2)):
@@ -192,12 +192,79 @@ def test_refdrn_both_ddf_files_reproduce_the_warped_outputs(tmp_path):
     (root / "datalist_lr_x4.json").write_text(json.dumps({"test": [item]}))
     out = tmp_path / "out"
     run_bundle("refdrn", ["inference.json"], {"dataset_dir": str(root), "output_dir": str(out)})
-    case = out / "lr4_sub3"
-    assert nib.aff2axcodes(nib.load(str(case / "lr4_sub3_ddf_itk.nii.gz")).affine) == ("L", "P", "S")
+    return out / "lr4_sub3", "lr4_sub3", root
+
+
+def test_refdrn_both_ddf_files_reproduce_the_warped_outputs(refdrn_case):
+    case, name, root = refdrn_case
+    assert nib.aff2axcodes(nib.load(str(case / f"{name}_ddf_itk.nii.gz")).affine) == ("L", "P", "S")
     # the saved warped image is the SR moving image warped on the upsampled grid
-    diffs = _check_case(case, "lr4_sub3", case / "lr4_sub3_sr_moving.nii.gz", root / "sub3_labels.nii.gz", (32, 40, 32))
+    diffs = _check_case(case, name, case / f"{name}_sr_moving.nii.gz", root / "sub3_labels.nii.gz", (32, 40, 32))
     print("refdrn", diffs)
-    assert not list(out.rglob(".partial-*"))
+    assert not list(case.parent.rglob(".partial-*"))
+
+
+# Run in the peers venv (.venv-peers, `make peers-venv`): antsApplyTransforms (ants.apply_transforms) with the
+# ITK-convention file as it is, onto a reference grid; argv: reference, moving, field, interpolator, output .npy
+ANTS_APPLY = """
+import sys
+import ants
+import numpy as np
+
+reference, moving, field, interpolator, out = sys.argv[1:6]
+warped = ants.apply_transforms(
+    fixed=ants.image_read(reference), moving=ants.image_read(moving), transformlist=[field], interpolator=interpolator
+)
+np.save(out, warped.numpy())
+"""
+
+
+def _ants_apply(tmp_path, reference, moving, field, interpolator: str) -> np.ndarray:
+    """`moving` resampled by ANTs through `field` onto `reference`'s grid (nibabel's array order)."""
+    peers = ROOT / ".venv-peers" / "bin" / "python"
+    if not peers.is_file():
+        pytest.skip(f"{peers} is absent: ANTs (antspyx) lives in the peers venv; run `make peers-venv`")
+    out = tmp_path / f"ants_{interpolator}_{Path(str(moving)).name}.npy"
+    proc = subprocess.run(
+        [str(peers), "-c", ANTS_APPLY, str(reference), str(moving), str(field), interpolator, str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return np.load(out)
+
+
+def test_ants_applies_a_known_shift_in_the_itk_field(tmp_path):
+    """A +2-voxel shift along array axis 0 of an LPS-stored grid: ANTs samples the moving image 2 voxels on."""
+    itk_ddf = _itk_ddf_module()
+    affine = np.diag([-1.5, -1.5, 1.5, 1.0])
+    affine[:3, 3] = [10.0, 20.0, -5.0]
+    u = np.zeros((3, 8, 5, 4), np.float32)
+    u[0] = 2.0
+    nib.save(itk_ddf.itk_ddf_image(u, affine), str(tmp_path / "field.nii.gz"))
+    moving = np.arange(8 * 5 * 4, dtype=np.float32).reshape(8, 5, 4)
+    nib.save(nib.Nifti1Image(moving, affine), str(tmp_path / "moving.nii.gz"))
+    warped = _ants_apply(
+        tmp_path, tmp_path / "moving.nii.gz", tmp_path / "moving.nii.gz", tmp_path / "field.nii.gz", "linear"
+    )
+    np.testing.assert_allclose(warped[:6], moving[2:], atol=1e-4)
+
+
+def test_ants_reads_the_refdrn_itk_field_and_reproduces_the_warped_outputs(refdrn_case, tmp_path):
+    """antsApplyTransforms with ``<case>_ddf_itk.nii.gz`` as it is: the saved warped label exactly (nearest
+    neighbour), the saved warped image to 1e-4 in the interior (see the module docstring)."""
+    case, name, root = refdrn_case
+    field = case / f"{name}_ddf_itk.nii.gz"
+    warped_path, label_path = case / f"{name}_warped.nii.gz", case / f"{name}_warped_label.nii.gz"
+    warped, warped_label = _array(warped_path).astype(np.float32), _array(label_path)
+    ants_label = _ants_apply(tmp_path, label_path, root / "sub3_labels.nii.gz", field, "nearestNeighbor")
+    np.testing.assert_array_equal(ants_label.round(), warped_label)
+    ants_image = _ants_apply(tmp_path, warped_path, case / f"{name}_sr_moving.nii.gz", field, "linear")
+    inside = _interior(np.asarray(nib.load(str(case / f"{name}_ddf.nii.gz")).dataobj, np.float32))
+    scale = float(np.abs(warped).max())
+    diff = float(np.abs(ants_image - warped)[inside].max())
+    print("ants", {"image": diff, "scale": scale})
+    assert diff <= 1e-4 * scale, (diff, scale)
 
 
 def test_f3rnet_both_ddf_files_reproduce_the_warped_outputs(tmp_path):

@@ -20,12 +20,17 @@ from tools.niftiio import atomic_write_text  # noqa: E402
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 
-def fill(card: str, results: str) -> str:
-    if START not in card or END not in card:
-        raise SystemExit(f"error: the model card has no {START} ... {END} block")
-    head, rest = card.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{results.strip()}\n{END}{tail}"
+def fill(card: str, results: str, start: str = START, end: str = END) -> str:
+    """`card` with the text between its `start` and `end` markers replaced by `results`.
+
+    Raises:
+        SystemExit: the card lacks either marker.
+    """
+    if start not in card or end not in card:
+        raise SystemExit(f"error: the model card has no {start} ... {end} block")
+    head, rest = card.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{results.strip()}\n{end}{tail}"
 
 
 def main(argv: list[str] | None = None) -> int:

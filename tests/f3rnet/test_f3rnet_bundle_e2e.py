@@ -97,16 +97,14 @@ def test_inference_writes_ddf_warped_image_and_label_on_the_input_grid(trained, 
 
 
 EVALUATE = ["train.json", "evaluate.json"]  # evaluate.json overrides train.json
+ORGANS = ("liver", "spleen", "kidney_right", "kidney_left")  # label ids 1-4; right/left: the patient's
 EVAL_METRICS = [
     "dice",
-    "dice_liver",
-    "dice_spleen",
-    "dice_kidney",
+    *[f"dice_{o}" for o in ORGANS],
     "asd",
-    "asd_liver",
-    "asd_spleen",
-    "asd_kidney",
+    *[f"asd_{o}" for o in ORGANS],
     "hd95",
+    *[f"hd95_{o}" for o in ORGANS],
     "folding_percent",
     "sdlogj",
     "seconds",

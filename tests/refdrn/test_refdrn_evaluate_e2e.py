@@ -88,6 +88,9 @@ def test_evaluate_writes_per_case_metrics_and_the_figure(compared):
     assert len(next(csv.reader(open(run / "dice_raw.csv")))) == 1 + 4 + 1  # labels 1..4, then the mean
     assert (run / "registration_cascade.png").stat().st_size > 10_000
     assert (out / "all" / "identity" / "registration_identity.png").is_file()
+    for method in ("identity", "backbone_lr", "cascade"):  # each run's panels, drawn across methods by the tool
+        assert (out / "all" / method / "figure_panels.npz").is_file(), method
+    assert (out / "all" / "comparison.png").stat().st_size > 20_000
     assert not list(out.rglob(".partial-*"))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -546,8 +547,9 @@ def case_name(item: Mapping, image_key: str = "image") -> str:
     if name:
         return str(name)
     source = item.get(image_key)
-    path = getattr(source, "meta", {}).get("filename_or_obj", source) if source is not None else None
-    return Path(str(path)).name.split(".")[0] if path else "case"
+    # a path string, or a MetaTensor's file name (none for an image made in memory)
+    path = source if isinstance(source, (str, os.PathLike)) else getattr(source, "meta", {}).get("filename_or_obj")
+    return Path(str(path)).name.split(".")[0] if isinstance(path, (str, os.PathLike)) and str(path) else "case"
 
 
 class CaseNames:
@@ -871,8 +873,11 @@ class AtomicNibabelWriter(NibabelWriter):
 
 
 class OutputPathsHandler:
-    """Print where the outputs of every case went: after each iteration, one line per case,
-    ``<case>: <file>, <file>, ...`` (absolute paths, in the order they were written), on stdout.
+    """Print where the outputs of every case went, and how long the case took.
+
+    After each iteration, on stdout, one line per case, ``<case>: <file>, <file>, ...`` (absolute paths, in the
+    order they were written), then ``<case>: <seconds> s`` (wall time of the iteration from its start: the network,
+    the postprocessing and the writing; not the loading, which MONAI does before the iteration starts).
 
     It reports the files that :class:`AtomicNibabelWriter` (every ``SaveImaged`` of the configs uses it) and
     `atomic_write_bytes` wrote during the iteration, grouped by their folder: the configs write
@@ -881,26 +886,34 @@ class OutputPathsHandler:
     it prints.
     """
 
+    def __init__(self) -> None:
+        self._started = time.perf_counter()
+
     def attach(self, engine: Engine) -> None:
         """Attach to `engine`: forget earlier writes when an iteration starts, print when it completes."""
         from ignite.engine import Events
 
-        engine.add_event_handler(Events.ITERATION_STARTED, lambda _: _WRITTEN.clear())
+        engine.add_event_handler(Events.ITERATION_STARTED, self._start)
         engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: self.print_cases())
 
-    @staticmethod
-    def print_cases() -> dict[str, list[str]]:
-        """Print one line per case folder for the files written since the last call, and forget them.
+    def _start(self, _engine=None) -> None:
+        _WRITTEN.clear()
+        self._started = time.perf_counter()
+
+    def print_cases(self) -> dict[str, list[str]]:
+        """Print the files written since the last call, one line per case folder, and the time; forget them.
 
         Returns:
             ``{case: [file, ...]}`` as printed.
         """
+        seconds = time.perf_counter() - self._started
         cases: dict[str, list[str]] = {}
         for path in _WRITTEN:
             cases.setdefault(Path(path).parent.name, []).append(path)
         _WRITTEN.clear()
         for case, files in cases.items():
             print(f"{case}: {', '.join(files)}", flush=True)
+            print(f"{case}: {seconds:.2f} s", flush=True)
         return cases
 
 

@@ -4,8 +4,10 @@ One run evaluates one method (one row of the paper's Tables 2/3): ``identity`` (
 `ZeroDDF`) or an F3D variant of F3RNet with its weights. MONAI's ``SupervisedEvaluator`` iterates the test pairs
 with `F3RNetEvaluateStep` (the timed forward pass); the postprocessing warps the moving label with the DDF and
 one-hot encodes it; MONAI metric handlers compute Dice, and, with the metrics of ``registration_metrics.py``,
-surface distances in mm, folding, SDlogJ and the forward time; ``MetricsSaver`` writes the files;
-`RegistrationFigure` draws the first pair in the layout of the paper's Fig. 4.
+surface distances in mm, folding, SDlogJ and the forward time, each organ's own Dice / ASD / HD95 through
+`organ_channels`; ``MetricsSaver`` writes the files; `RegistrationFigure` keeps the first pair's panels
+(``figure_panels.npz``) and draws them in the layout of the paper's Fig. 4; `comparison_figure` draws one pair
+across the methods' runs (``tools/compare_methods.py`` calls it).
 
 Paper: Z. Xu, J. Luo, J. Yan, X. Li, J. Jayender, "F3RNet: Full-Resolution Residual Registration Network for
 Multimodal Image Registration".
@@ -13,7 +15,6 @@ Multimodal Image Registration".
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -25,10 +26,9 @@ from ignite.engine import Engine, Events
 from monai.data import MetaTensor
 from monai.engines.utils import IterationEvents
 from monai.handlers import from_engine
-from monai.metrics import compute_dice
 
-from .common import BundleInputError, atomic_write_bytes, case_name, config_flag, unwrap
-from .metrics import label_one_hot
+from . import figure_panels
+from .common import BundleInputError, case_name, config_flag, unwrap
 from .transforms import MODALITIES
 
 __all__ = [
@@ -37,6 +37,7 @@ __all__ = [
     "RegistrationFigure",
     "ZeroDDF",
     "check_method",
+    "comparison_figure",
     "organ_channels",
 ]
 
@@ -50,17 +51,6 @@ METHOD_TITLES = {
     "fr": "F3RNet-FR",
     "ms": "F3RNet-MS",
     "all_more_mrb": "F3RNet-MRB",
-}
-# contour colours of the paper's figures: liver green, kidneys red, spleen blue
-CONTOUR_COLOURS = {"liver": "lime", "spleen": "deepskyblue", "right kidney": "red", "left kidney": "red"}
-# how the figure prints a metric's value for the first pair
-METRIC_FORMATS = {
-    "dice": "Dice {:.3f}",
-    "asd": "ASD {:.2f} mm",
-    "hd95": "HD95 {:.2f} mm",
-    "folding_percent": "folding {:.3f}%",
-    "sdlogj": "SDlogJ {:.3f}",
-    "seconds": "{:.2f} s",
 }
 
 
@@ -102,12 +92,15 @@ def check_method(method: str, methods: Mapping[str, Any] | Sequence[str]) -> str
 
 
 def organ_channels(keys: Sequence[str], channels: Sequence[int]) -> Callable:
-    """An ``output_transform`` for a metric handler on a group of organs (a column of the paper's tables).
+    """An ``output_transform`` for a metric handler on one organ (or a group of organs).
+
+    ``evaluate.json`` uses it once per organ (``dice_kidney_right`` reads label id 3 only), so that each organ is
+    reported on its own (the paper's tables have one kidney column).
 
     Args:
         keys: the one-hot output keys, e.g. ``["warped_moving_label", "label"]``: ``[C, X, Y, Z]`` per pair
             (or ``[B, C, X, Y, Z]`` when not decollated), channel ``i`` = label id ``i``.
-        channels: the label ids of the group, e.g. ``[3, 4]`` for both kidneys.
+        channels: the label ids, e.g. ``[3]`` for the right kidney (``[3, 4]``: both kidneys as one group).
 
     Returns:
         A callable mapping ``engine.state.output`` to the values of `keys` restricted to `channels` (metadata,
@@ -189,30 +182,38 @@ def _first(data: Any) -> dict:
     return {k: (v[0] if isinstance(v, (torch.Tensor, list, tuple)) and len(v) else v) for k, v in data.items()}
 
 
-def _numpy(x: Any) -> np.ndarray:
-    return torch.as_tensor(x).as_subclass(torch.Tensor).detach().float().cpu().numpy()
+def _ids(label: Any) -> torch.Tensor:
+    """``[X, Y, Z]`` label ids of a ``[1, X, Y, Z]`` label map or a ``[C, X, Y, Z]`` one-hot (argmax)."""
+    t = torch.as_tensor(label).as_subclass(torch.Tensor).detach().cpu()
+    return t[0] if t.shape[0] == 1 else t.argmax(0)
 
 
 class RegistrationFigure:
-    """Ignite handler: a PNG of the first pair in the layout of the paper's Fig. 4, for the run's one method.
+    """Ignite handler: the panels and the figure of the run's first pair, for the run's one method.
 
-    Panels on the axial slice (last axis) with the most liver (label 1; else the most foreground), in
-    radiological view: the fixed image with the contours of the fixed labels (liver green, spleen blue, kidneys
-    red); the moving image and the warped moving image under the same contours (titles: mean organ Dice before
-    registration, and the method's Dice / ASD / HD95 for this pair); the in-plane deformation grid (folding and
-    SDlogJ of this pair). Written atomically to ``output_dir/filename`` at the end of the run (rank 0).
+    After the first iteration it captures the pair (`figure_panels.capture_panels`: an axial and a coronal slice
+    through the organs of the fixed image, in radiological view; images, fixed / moving / warped labels, in-plane
+    DDF, Jacobian determinant, per-organ Dice before and after registration). At the end of the run (rank 0) it
+    writes them atomically as ``output_dir/figure_panels.npz`` (what `comparison_figure` reads) and draws
+    ``output_dir/filename`` (`figure_panels.method_figure`): fixed, moving and warped images with one contour
+    colour per organ, the deformation grid and the Jacobian-determinant map, orientation letters on every
+    panel, the per-organ Dice in the titles (right and left kidney apart).
 
-    Keys (after MONAI's postprocessing): batch ``moving_image``, ``fixed_image`` ``[1, X, Y, Z]`` (normalised),
-    ``fixed_label``, ``moving_label`` ``[1, X, Y, Z]`` ids; output ``warped_moving_image`` ``[1, X, Y, Z]`` and
-    ``pred`` (DDF ``[3, X, Y, Z]``, voxels). Metric values come from ``engine.state.metric_details``.
+    Keys (after MONAI's postprocessing): batch ``moving_image``, ``fixed_image`` ``[1, X, Y, Z]`` (normalised,
+    RAS-oriented: the evaluation's ``Orientationd("RAS")``), ``fixed_label``, ``moving_label`` ``[1, X, Y, Z]``
+    ids; output ``warped_moving_image`` ``[1, X, Y, Z]``, ``warped_moving_label`` (``[C, X, Y, Z]`` one-hot or
+    ``[1, X, Y, Z]`` ids) and ``pred`` (DDF ``[3, X, Y, Z]``, voxels).
 
     Args:
-        output_dir: folder of the PNG.
-        filename: e.g. ``registration_none_ct2mri.png``.
+        output_dir: folder of the PNG and the panels file.
+        filename: the PNG's name, e.g. ``registration_none_ct2mri.png``.
         method: the method name (its title from `METHOD_TITLES`).
         direction: ``ct2mri`` or ``mri2ct`` (names the modalities).
         label_names: ``{label id: organ name}``.
-        grid_step: voxels between the lines of the deformation grid.
+        panels_filename: the panels file's name (``figure_panels.npz``).
+
+    Raises:
+        ValueError: (when the first pair is captured) its volumes are not RAS-oriented.
     """
 
     def __init__(
@@ -222,110 +223,68 @@ class RegistrationFigure:
         method: str,
         direction: str,
         label_names: Mapping[Any, str],
-        grid_step: int = 6,
+        panels_filename: str = figure_panels.PANELS_FILE,
     ) -> None:
         self.path = Path(output_dir) / filename
+        self.panels_path = Path(output_dir) / panels_filename
         self.method = str(method)
         self.direction = str(direction)
         self.labels = {int(k): str(v) for k, v in label_names.items()}
-        self.grid_step = max(1, int(grid_step))
-        self.data: dict | None = None
+        self.panels: dict | None = None
 
     def attach(self, engine: Engine) -> None:
-        """Keep the first pair's slices after the first iteration; draw at the end of the epoch."""
+        """Capture the first pair after the first iteration; write at the end of the epoch."""
         engine.add_event_handler(Events.ITERATION_COMPLETED(once=1), self.capture)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.write)
 
-    @staticmethod
-    def _slice(label: np.ndarray) -> int:
-        organ = (label == 1) if (label == 1).any() else (label > 0)
-        counts = organ.sum(axis=(0, 1))
-        return int(np.argmax(counts)) if counts.max() > 0 else label.shape[-1] // 2
-
     def capture(self, engine: Engine) -> None:
-        """Store the first pair's axial slices, its name and its Dice before registration."""
+        """Keep the first pair's panels (`figure_panels.capture_panels`), its name and the method's names."""
         batch, output = _first(engine.state.batch), _first(engine.state.output)
-        fixed_label = _numpy(batch["fixed_label"])[0]
-        z = self._slice(fixed_label)
-        num_classes = max(self.labels) + 1
-        before = compute_dice(
-            label_one_hot(torch.as_tensor(batch["moving_label"])[None], num_classes),
-            label_one_hot(torch.as_tensor(batch["fixed_label"])[None], num_classes),
-            include_background=False,
-            ignore_empty=True,
+        fixed = batch["fixed_image"]
+        roles = MODALITIES.get(self.direction, {"fixed": "fixed", "moving": "moving"})
+        self.panels = figure_panels.capture_panels(
+            fixed=fixed,
+            moving=batch["moving_image"],
+            warped=output["warped_moving_image"],
+            fixed_label=_ids(batch["fixed_label"]),
+            moving_label=_ids(batch["moving_label"]),
+            warped_label=_ids(output["warped_moving_label"]),
+            ddf=output["pred"],
+            affine=fixed.affine,
+            organs=self.labels,
         )
-        self.data = {
-            "name": case_name(batch, "moving_image"),
-            "z": z,
-            "label": fixed_label[:, :, z],
-            "fixed": _numpy(batch["fixed_image"])[0, :, :, z],
-            "moving": _numpy(batch["moving_image"])[0, :, :, z],
-            "warped": _numpy(output["warped_moving_image"])[0, :, :, z],
-            "ddf": _numpy(output["pred"])[:2, :, :, z],
-            "dice_before": float(torch.nanmean(before)),
-        }
-
-    def _values(self, engine: Engine, names: Sequence[str]) -> str:
-        """`METRIC_FORMATS` of the first pair's values (mean over organs) of the metrics that ran."""
-        details = getattr(engine.state, "metric_details", {}) or {}
-        parts = []
-        for name in names:
-            if name in details:
-                value = torch.as_tensor(details[name]).double().reshape(len(details[name]), -1)[0]
-                parts.append(METRIC_FORMATS[name].format(float(torch.nanmean(value))))
-        return " | ".join(parts)
+        self.panels.update(
+            case=np.asarray(case_name(batch, "moving_image")),
+            method=np.asarray(self.method),
+            method_title=np.asarray(METHOD_TITLES.get(self.method, self.method)),
+            direction=np.asarray(self.direction),
+            fixed_modality=np.asarray(roles["fixed"].upper()),
+            moving_modality=np.asarray(roles["moving"].upper()),
+        )
 
     def write(self, engine: Engine) -> None:
-        """Draw and save the PNG (nothing when no pair was seen, or on ranks other than 0)."""
+        """Write the panels file and the PNG (nothing when no pair was seen, or on ranks other than 0)."""
         import ignite.distributed as idist
 
-        if self.data is None or idist.get_rank() != 0:
+        if self.panels is None or idist.get_rank() != 0:
             return
-        import matplotlib
+        figure_panels.save_panels(self.panels_path, self.panels)
+        figure_panels.method_figure(self.panels, self.path)
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        d = self.data
-        # radiological view of an axial slice of a RAS volume: anterior up, the patient's right on the left
-        view = lambda a: np.ascontiguousarray(a[::-1, ::-1].T)  # noqa: E731
-        roles = MODALITIES.get(self.direction, {"fixed": "fixed", "moving": "moving"})
-        title = METHOD_TITLES.get(self.method, self.method)
-        panels = [
-            (f"fixed ({roles['fixed'].upper()}) + organ contours", view(d["fixed"])),
-            (f"moving ({roles['moving'].upper()}), no registration\nDice {d['dice_before']:.3f}", view(d["moving"])),
-            (f"warped, {title}\n{self._values(engine, ('dice', 'asd', 'hd95'))}", view(d["warped"])),
-        ]
-        fig, axes = plt.subplots(1, len(panels) + 1, figsize=(2.9 * (len(panels) + 1), 3.4), squeeze=False)
-        labels = view(d["label"])
-        for ax, (text, img) in zip(axes[0], panels):
-            ax.imshow(img, cmap="gray", vmin=0, vmax=1)
-            for label_id, organ in self.labels.items():
-                mask = (labels == label_id).astype(float)
-                if mask.any():
-                    ax.contour(mask, levels=[0.5], colors=CONTOUR_COLOURS.get(organ, "yellow"), linewidths=0.7)
-            ax.set_title(text, fontsize=7)
-            ax.axis("off")
-        ax = axes[0][-1]
-        ax.imshow(0.5 * view(d["fixed"]), cmap="gray", vmin=0, vmax=1)
-        nx, ny = d["ddf"].shape[1:]
-        i, j = np.meshgrid(np.arange(nx), np.arange(ny), indexing="ij")
-        cols, rows = nx - 1 - (i + d["ddf"][0]), ny - 1 - (j + d["ddf"][1])  # where view() draws voxel (i, j)
-        for k in range(0, nx, self.grid_step):
-            ax.plot(cols[k, :], rows[k, :], color="orange", linewidth=0.5)
-        for k in range(0, ny, self.grid_step):
-            ax.plot(cols[:, k], rows[:, k], color="orange", linewidth=0.5)
-        ax.set_xlim(-0.5, nx - 0.5)
-        ax.set_ylim(ny - 0.5, -0.5)
-        ax.set_title(f"deformation grid (in-plane)\n{self._values(engine, ('folding_percent', 'sdlogj'))}", fontsize=7)
-        ax.axis("off")
-        fig.suptitle(
-            f"{d['name']}: {self.direction}, {title}, axial slice {d['z']}; contours: fixed labels "
-            f"(liver green, spleen blue, kidneys red)",
-            fontsize=8,
-        )
-        fig.tight_layout()
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110)
-        plt.close(fig)
-        atomic_write_bytes(self.path, buffer.getvalue())
+def comparison_figure(runs: Mapping[str, str | Path], path: str | Path) -> Path | None:
+    """The same test pair across methods, one column per method (called by ``tools/compare_methods.py``).
+
+    Args:
+        runs: method name -> that method's evaluation run folder, holding the ``figure_panels.npz`` that
+            `RegistrationFigure` wrote, in column order (e.g. identity, none, all).
+        path: the PNG to write, e.g. ``<output_dir>/all/comparison.png``.
+
+    Returns:
+        `path`, or None when `runs` is empty.
+
+    Raises:
+        FileNotFoundError: a run folder has no ``figure_panels.npz``.
+        ValueError: the runs do not show the same pair and slices.
+    """
+    return figure_panels.comparison_figure(runs, path)

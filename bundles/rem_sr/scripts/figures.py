@@ -97,10 +97,16 @@ def ddf_view(ddf: np.ndarray, plane: str = "axial", index: int | None = None) ->
 
 
 def mark_orientation(ax, plane: str = "axial", color: str = "yellow", fontsize: float = 7) -> None:
-    """Write the edge letters of `plane` (e.g. R/L/A/P for axial) inside the four edges of `ax`'s panel."""
+    """Write the edge letters of `plane` (e.g. R/L/A/P for axial) inside the four edges of `ax`'s panel.
+
+    The letters have a dark outline, so that they stay readable on bright tissue.
+    """
+    from matplotlib import patheffects
+
     _plane(plane)
     left, right, top, bottom = EDGE_LETTERS[plane]
-    style = dict(color=color, fontsize=fontsize, fontweight="bold", transform=ax.transAxes)
+    outline = [patheffects.withStroke(linewidth=1.5, foreground="black")]
+    style = dict(color=color, fontsize=fontsize, fontweight="bold", transform=ax.transAxes, path_effects=outline)
     ax.text(0.02, 0.5, left, ha="left", va="center", **style)
     ax.text(0.98, 0.5, right, ha="right", va="center", **style)
     ax.text(0.5, 0.98, top, ha="center", va="top", **style)
@@ -112,18 +118,19 @@ def draw_contours(ax, labels: np.ndarray, color=None, linewidth: float = 0.6, cm
 
     Args:
         labels: ``[rows, cols]`` integer label map (e.g. ``slice_view`` of a label volume).
-        color: one colour for every label; None gives each id its own colour from `cmap`.
+        color: one colour for every label; None gives each id its own colour from `cmap`, keyed on the id, so
+            that a label has the same colour in every panel.
     """
     import matplotlib
 
     lab = np.rint(np.asarray(labels)).astype(np.int64)
     ids = [int(i) for i in np.unique(lab) if i > 0]
     colors = matplotlib.colormaps[cmap]
-    for k, i in enumerate(ids):
+    for i in ids:
         mask = (lab == i).astype(float)
-        if mask.sum() == 0 or mask.all():
+        if mask.all():
             continue
-        ax.contour(mask, levels=[0.5], colors=[color or colors(k % colors.N)], linewidths=linewidth)
+        ax.contour(mask, levels=[0.5], colors=[color or colors(i % colors.N)], linewidths=linewidth)
 
 
 def draw_grid(

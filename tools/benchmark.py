@@ -1,0 +1,575 @@
+#!/usr/bin/env python
+"""The bundles against the classical tools, side by side, on the same pairs (or volumes), measured one way.
+
+Registration (``python tools/benchmark.py refdrn`` or ``f3rnet_ct_mri``), on any registration datalist
+(``fixed_image``, ``moving_image``, ``fixed_label``, ``moving_label``; paths relative to ``--dataset_dir``):
+
+- methods: ``identity``; the bundle as a user runs it (``configs/inference.json`` through MONAI's runner, with
+  ``--moving_image``/``--fixed_image``); ``elastix`` (itk-elastix affine + B-spline, Mattes MI); ``ants_syn_mi`` and
+  ``ants_syn_cc`` (antspyx SyN); ``demons`` (SimpleITK, optional). The peers run in ``.venv-peers``
+  (``make peers-venv``) through ``tools/peers/run_peer.py``; without it they are skipped with the reason printed.
+- every method's result is one ITK-convention displacement field file (the bundles write ``<case>_ddf_itk.nii.gz``
+  beside their MONAI one), turned by :func:`itk_field_to_ddf` into ONE convention: a DDF ``[3, X, Y, Z]`` in voxels
+  of the fixed label's grid, as MONAI's ``Warp`` reads it. The moving label is resampled onto that grid (nearest,
+  world coordinates) when it is stored on another one, and warped with ``Warp(mode="nearest")``.
+- the same code then measures every method: Dice per label and its mean (MONAI ``DiceMetric``, labels renumbered
+  1..K over the pair's label ids), HD95 and ASD in mm (MONAI's ``HausdorffDistanceMetric`` /
+  ``SurfaceDistanceMetric`` with the label's spacing, per label, then averaged), folding % (det J <= 0), SDlogJ
+  (Learn2Reg), the registration's wall time, the whole process's wall time, and the process's peak RSS.
+- each method runs in its own process (``tools/resources.py``), all with the same thread count (``--threads``,
+  printed; ``OMP_NUM_THREADS`` and ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``).
+
+Super-resolution (``python tools/benchmark.py rem_sr``): each method of rem_sr's ``evaluate.json`` (nearest,
+trilinear, cubic B-spline, REM) at ``--scale`` on the test volumes, each run in its own measured process: PSNR and
+SSIM in the brain and over the volume (the bundle's own metric code), the method's wall time and the peak RSS.
+
+Outputs in ``--output_dir`` (default ``outputs/benchmark/<bundle>``): ``results.csv`` (a row per pair and method),
+``dice_per_label.csv`` (registration), ``summary.md`` (mean ± std per method, with ratios of time and peak RSS to
+elastix, or to cubic B-spline for SR) and ``benchmark.png`` (Dice or PSNR per method as a box plot, time per method
+on a log axis).
+
+Usage:
+    python tools/benchmark.py refdrn [--datalist D --dataset_dir DIR --section test] [--methods ...] [--threads 2]
+    python tools/benchmark.py rem_sr [--scale 4] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import importlib.util
+import io
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.niftiio import atomic_write, atomic_write_text  # noqa: E402
+from tools.resources import run_measured  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+RUN_PEER = ROOT / "tools" / "peers" / "run_peer.py"
+PEERS = ("elastix", "ants_syn_mi", "ants_syn_cc", "demons")
+REGISTRATION_BUNDLES = ("refdrn", "f3rnet_ct_mri")
+# defaults per bundle: its test datalist, and the methods (demons: same modality only)
+DEFAULTS = {
+    "refdrn": {
+        "datalist": "data/brain_pairs/datalist_lr_x4.json",
+        "methods": ["identity", "refdrn", "elastix", "ants_syn_mi", "ants_syn_cc"],
+    },
+    "f3rnet_ct_mri": {
+        "datalist": "data/abdomen_phantoms/datalist_ct2mri.json",
+        "methods": ["identity", "f3rnet_ct_mri", "elastix", "ants_syn_mi", "ants_syn_cc"],
+    },
+    "rem_sr": {"datalist": "data/brain/datalist.json", "methods": ["nearest", "trilinear", "bspline", "rem"]},
+}
+REFERENCE = {"registration": "elastix", "sr": "bspline"}  # the summary's ratios are to this method
+
+
+# ------------------------------------------------------------------------------------------------ conventions
+def itk_field_to_ddf(field, affine: np.ndarray, shape) -> np.ndarray:
+    """A displacement field in the ITK convention, as a MONAI DDF on another grid.
+
+    Args:
+        field: a nibabel image of the field: physical mm in LPS, ``(X, Y, Z, 1, 3)`` or ``(X, Y, Z, 3)``, where
+            ``x + u(x)`` is the moving point of fixed point ``x`` (ITK ``DisplacementFieldTransform``,
+            antsApplyTransforms, transformix), on any grid.
+        affine: the ``4 x 4`` RAS voxel-to-mm affine of the target grid (the fixed label's).
+        shape: the target grid's ``(X, Y, Z)``.
+
+    Returns:
+        ``[3, X, Y, Z]`` float32 displacements in voxels of the target grid, channel ``c`` along array axis ``c``
+        (MONAI ``Warp``): the field is sampled (trilinear, nearest value outside its grid) at each target voxel's
+        position, and the moving point ``x + u`` is mapped back to target voxel indices. Exact when the field is on
+        the target grid.
+
+    Raises:
+        ValueError: the field does not hold 3 vector components.
+    """
+    from scipy.ndimage import map_coordinates
+
+    data = np.asarray(field.dataobj, np.float64)
+    if data.ndim not in (4, 5) or data.shape[-1] != 3:
+        raise ValueError(f"an ITK displacement field has 3 components in its last axis, got shape {data.shape}")
+    data = data.reshape(*data.shape[:3], 3)
+    shape = tuple(int(s) for s in shape)
+    index = np.indices(shape, dtype=np.float64).reshape(3, -1)
+    ras = affine[:3, :3] @ index + affine[:3, 3:]
+    to_field = np.linalg.inv(field.affine)
+    field_index = to_field[:3, :3] @ ras + to_field[:3, 3:]
+    u_lps = np.stack([map_coordinates(data[..., c], field_index, order=1, mode="nearest") for c in range(3)])
+    moved_ras = ras + u_lps * np.array([[-1.0], [-1.0], [1.0]])  # LPS -> RAS: x and y change sign
+    to_target = np.linalg.inv(affine)
+    moved_index = to_target[:3, :3] @ moved_ras + to_target[:3, 3:]
+    return (moved_index - index).reshape(3, *shape).astype(np.float32)
+
+
+def image_on_grid(image, affine: np.ndarray, shape) -> np.ndarray:
+    """An image's intensities on another grid (trilinear in world coordinates; nearest value outside), float32."""
+    from scipy.ndimage import affine_transform
+
+    to_image = np.linalg.inv(image.affine) @ affine
+    data = np.asarray(image.dataobj, np.float32)
+    return affine_transform(data, to_image[:3, :3], to_image[:3, 3], output_shape=tuple(shape), order=1, mode="nearest")
+
+
+def upsampled_pair(pair: dict, folder: Path) -> dict:
+    """The pair with each image resampled onto its own label's grid (trilinear ↓↑), where the two grids differ.
+
+    The peers then register at the labels' resolution, as the bundles do on their upsampled grid; an image already
+    on its label's grid is used as it is.
+    """
+    import nibabel as nib
+
+    out = dict(pair)
+    for role in ("moving", "fixed"):
+        image, label = nib.load(pair[f"{role}_image"]), nib.load(pair[f"{role}_label"])
+        if image.shape[:3] == label.shape[:3] and np.allclose(image.affine, label.affine, atol=1e-4):
+            continue
+        path = folder / f"{role}_on_label_grid.nii.gz"
+        nib.save(nib.Nifti1Image(image_on_grid(image, label.affine, label.shape[:3]), label.affine), str(path))
+        out[f"{role}_image"] = str(path)
+    return out
+
+
+def labels_on_grid(label, affine: np.ndarray, shape) -> np.ndarray:
+    """A label image's ids on another grid (nearest neighbour in world coordinates; 0 outside)."""
+    from scipy.ndimage import affine_transform
+
+    if label.shape[:3] == tuple(shape) and np.allclose(label.affine, affine, atol=1e-4):
+        return np.asarray(label.dataobj).astype(np.int64)
+    to_label = np.linalg.inv(label.affine) @ affine
+    data = np.asarray(label.dataobj).astype(np.float64)
+    out = affine_transform(data, to_label[:3, :3], to_label[:3, 3], output_shape=tuple(shape), order=0, cval=0)
+    return np.rint(out).astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+def _bundle_module(bundle: str, module: str):
+    """``scripts.<module>`` of a bundle (each bundle has its own ``scripts`` package)."""
+    root = str(ROOT / "bundles" / bundle)
+    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
+        if not str(getattr(sys.modules[name], "__file__", "") or "").startswith(root):
+            del sys.modules[name]
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    return importlib.import_module(f"scripts.{module}")
+
+
+def registration_metrics(ddf: np.ndarray, moving_label: np.ndarray, fixed_label: np.ndarray, affine: np.ndarray):
+    """The benchmark's metrics of one DDF, the same code for every method.
+
+    Args:
+        ddf: ``[3, X, Y, Z]`` voxels on the fixed label's grid (MONAI ``Warp`` convention).
+        moving_label, fixed_label: ``[X, Y, Z]`` label ids on that grid.
+        affine: the grid's RAS affine (its spacing gives HD95 and ASD in mm).
+
+    Returns:
+        ``(metrics, dice_per_label)``: ``{"dice", "hd95", "asd", "folding", "sdlogj"}`` (Dice mean over the
+        fixed label's ids > 0; distances in mm, mean over labels, non-finite values left out) and
+        ``{label id: Dice}``.
+    """
+    import torch
+    from monai.data import MetaTensor
+    from monai.metrics import DiceMetric
+    from monai.networks.blocks import Warp
+
+    rm = _bundle_module("refdrn", "registration_metrics")
+    ids = np.union1d(np.unique(fixed_label), np.unique(moving_label))
+    ids = ids[ids > 0]
+    lookup = {int(i): k + 1 for k, i in enumerate(ids)}
+    renumber = np.vectorize(lambda v: lookup.get(int(v), 0), otypes=[np.int64])
+    moving = renumber(moving_label) if ids.size < 1000 else np.searchsorted(np.r_[0, ids], moving_label)
+    fixed = renumber(fixed_label) if ids.size < 1000 else np.searchsorted(np.r_[0, ids], fixed_label)
+    num_classes = len(ids) + 1
+    flow = torch.as_tensor(ddf, dtype=torch.float32)[None]
+    warped = Warp(mode="nearest", padding_mode="zeros")(torch.as_tensor(moving, dtype=torch.float32)[None, None], flow)
+    warped = warped.round()
+    fixed_t = MetaTensor(torch.as_tensor(fixed, dtype=torch.float32)[None, None], affine=torch.as_tensor(affine))
+    dice = DiceMetric(include_background=False, num_classes=num_classes, reduction="none")(warped, fixed_t)[0]
+    dice = dice.double().numpy()
+    present = np.isin(np.arange(1, num_classes), fixed[fixed > 0])
+    hd = rm.PhysicalHausdorffDistanceMetric(percentile=95, num_classes=num_classes, reduction="none")
+    asd = rm.PhysicalSurfaceDistanceMetric(symmetric=True, num_classes=num_classes, reduction="none")
+    hd95 = hd(warped, fixed_t)[0].double().numpy()
+    asd_v = asd(warped, fixed_t)[0].double().numpy()
+
+    def finite_mean(v):
+        v = v[np.isfinite(v)]
+        return float(v.mean()) if v.size else float("nan")
+
+    metrics = {
+        "dice": finite_mean(dice[present]),
+        "hd95": finite_mean(hd95[present]),
+        "asd": finite_mean(asd_v[present]),
+        "folding": rm.folding_percent(flow[0]),
+        "sdlogj": rm.sdlogj(flow[0]),
+    }
+    per_label = {int(i): float(dice[k]) for k, i in enumerate(ids) if present[k]}
+    return metrics, per_label
+
+
+# ------------------------------------------------------------------------------------------------ methods
+def peer_python(method: str) -> tuple[str | None, str]:
+    """The interpreter that runs peer `method`, or None and the reason there is none.
+
+    The peers venv runs every peer; without it, elastix runs in this venv when itk-elastix is installed here
+    (``requirements-dev.txt`` installs it, so CI runs elastix); ANTs and SimpleITK need the peers venv.
+    """
+    if PEERS_PYTHON.is_file():
+        return str(PEERS_PYTHON), ""
+    if method == "elastix" and importlib.util.find_spec("itk") is not None:
+        import itk
+
+        if hasattr(itk, "elastix_registration_method"):
+            return sys.executable, ""
+    return None, f"{PEERS_PYTHON} is absent (run `make peers-venv`)"
+
+
+def thread_env(threads: int) -> dict:
+    """The environment of every method's process: the same thread count for torch, OpenMP and ITK."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads),
+    }
+
+
+def run_bundle_method(bundle: str, item: dict, work: Path, threads: int) -> tuple[Path, dict]:
+    """The bundle's inference.json on one pair; returns its ITK-convention field and the measurements.
+
+    Raises:
+        RuntimeError: the run failed (its last output lines in the message) or wrote no field.
+    """
+    bundle_root = ROOT / "bundles" / bundle
+    out = work / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(bundle_root / "configs" / "inference.json"),
+        "--bundle_root",
+        str(bundle_root),
+        "--output_dir",
+        str(out),
+        "--moving_image",
+        item["moving_image"],
+        "--fixed_image",
+        item["fixed_image"],
+    ]
+    m = run_measured(cmd, env=thread_env(threads))
+    if m.returncode != 0:
+        tail = "\n".join((m.stdout + m.stderr).strip().splitlines()[-12:])
+        raise RuntimeError(f"{bundle} failed with exit code {m.returncode}:\n{tail}")
+    fields = sorted(out.rglob("*_ddf_itk.nii.gz"))
+    if len(fields) != 1:
+        raise RuntimeError(f"{bundle} wrote {len(fields)} ITK-convention fields in {out}, expected 1")
+    times = [float(t) for t in re.findall(r"^\S+: ([0-9.]+) s$", m.stdout, flags=re.M)]
+    seconds = times[-1] if times else m.seconds
+    return fields[0], {"seconds": seconds, "process_seconds": m.seconds, "peak_rss_gb": m.peak_rss_gb}
+
+
+def run_peer_method(method: str, item: dict, work: Path, threads: int) -> tuple[Path, dict]:
+    """One classical peer on one pair in the peers venv; returns its field file and the measurements.
+
+    Raises:
+        RuntimeError: the peer failed (its last output lines in the message).
+    """
+    field = work / "field.nii.gz"
+    python, reason = peer_python(method)
+    if python is None:
+        raise RuntimeError(f"{method} cannot run: {reason}")
+    cmd = [python, str(RUN_PEER), method, "--fixed", item["fixed_image"], "--moving", item["moving_image"]]
+    m = run_measured([*cmd, "--out", str(field)], env=thread_env(threads))
+    if m.returncode != 0 or not field.is_file():
+        tail = "\n".join((m.stdout + m.stderr).strip().splitlines()[-12:])
+        raise RuntimeError(f"{method} failed with exit code {m.returncode}:\n{tail}")
+    seconds = json.loads(m.stdout.strip().splitlines()[-1])["seconds"]
+    return field, {"seconds": seconds, "process_seconds": m.seconds, "peak_rss_gb": m.peak_rss_gb}
+
+
+# ------------------------------------------------------------------------------------------------ data
+def load_pairs(datalist: Path, dataset_dir: Path, section: str, keys: tuple[str, ...]) -> list[dict]:
+    """The items of one datalist section with absolute paths under `keys`, and a name each.
+
+    Raises:
+        SystemExit: the datalist, the section, a key or a file is missing.
+    """
+    if not datalist.is_file():
+        raise SystemExit(f"error: {datalist}: no such datalist")
+    content = json.loads(datalist.read_text())
+    if section not in content:
+        raise SystemExit(f"error: {datalist} has no {section!r} section (it has {sorted(content)})")
+    items = []
+    for k, entry in enumerate(content[section]):
+        item = dict(entry)
+        for key in keys:
+            if key not in item:
+                raise SystemExit(f"error: {datalist} [{section}][{k}] has no {key!r}")
+            path = Path(item[key]) if Path(item[key]).is_absolute() else dataset_dir / item[key]
+            if not path.is_file():
+                raise SystemExit(f"error: {path} ({key} of {datalist} [{section}][{k}]): no such file")
+            item[key] = str(path)
+        stem = Path(item[keys[0]]).name.split(".")[0]
+        item["name"] = str(entry.get("name", stem))
+        items.append(item)
+    return items
+
+
+# ------------------------------------------------------------------------------------------------ reports
+def summarise(rows: list[dict], methods: list[str], metrics: list[str], reference: str) -> dict:
+    """``{method: {metric: (mean, std, n)}}`` over the rows of each method (NaN and inf left out)."""
+    out = {}
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        out[method] = {}
+        for metric in metrics:
+            values = np.array([r.get(metric, np.nan) for r in mine], float)
+            values = values[np.isfinite(values)]
+            out[method][metric] = (
+                float(values.mean()) if values.size else float("nan"),
+                float(values.std()) if values.size else float("nan"),
+                int(values.size),
+            )
+    return out
+
+
+def _cell(mean: float, std: float, digits: int) -> str:
+    if not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if math.isfinite(std) and std > 0 else "")
+
+
+def summary_markdown(summary: dict, methods: list[str], columns: list[tuple], reference: str, header: str) -> str:
+    """The summary table: a row per method; time and peak RSS also as ratios to `reference`."""
+    lines = [header, ""]
+    names = [c[1] for c in columns] + [f"time / {reference}", f"peak RSS / {reference}"]
+    lines.append("| method | " + " | ".join(names) + " |")
+    lines.append("|---" * (len(names) + 1) + "|")
+    ref = summary.get(reference)
+    for method in methods:
+        s = summary[method]
+        cells = [_cell(*s[key][:2], digits) for key, _, digits in columns]
+        for key in ("seconds", "peak_rss_gb"):
+            if ref and math.isfinite(ref[key][0]) and ref[key][0] > 0 and math.isfinite(s[key][0]):
+                cells.append(f"{s[key][0] / ref[key][0]:.2f}")
+            else:
+                cells.append("n/a")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    """`rows` as a CSV (the union of their keys as columns), written atomically."""
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(buffer.getvalue(), path)
+
+
+def plot(rows: list[dict], methods: list[str], quality: str, quality_name: str, title: str, path: Path) -> None:
+    """Box plot of `quality` per method (each case a dot) beside the time per method on a log axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [m for m in methods if any(r["method"] == m for r in rows)]
+    fig, (ax_q, ax_t) = plt.subplots(1, 2, figsize=(11, 4.2))
+    values = [[r[quality] for r in rows if r["method"] == m and math.isfinite(r.get(quality, np.nan))] for m in shown]
+    ax_q.boxplot(values, tick_labels=shown, showmeans=True)
+    for k, v in enumerate(values):
+        ax_q.scatter(np.full(len(v), k + 1) + np.linspace(-0.08, 0.08, len(v)), v, s=14, color="tab:blue", zorder=3)
+    ax_q.set_ylabel(quality_name)
+    ax_q.set_title(f"{quality_name} per method (box: quartiles, triangle: mean)", fontsize=10)
+    ax_q.grid(axis="y", alpha=0.3)
+    times = [[r["seconds"] for r in rows if r["method"] == m and r.get("seconds", 0) > 0] for m in shown]
+    timed = [(m, t) for m, t in zip(shown, times) if t]
+    if timed:
+        ax_t.barh(
+            [m for m, _ in timed],
+            [np.mean(t) for _, t in timed],
+            xerr=[np.std(t) for _, t in timed],
+            color="tab:orange",
+        )
+        ax_t.set_xscale("log")
+        for k, (_, t) in enumerate(timed):
+            ax_t.text(np.mean(t), k, f"  {np.mean(t):.1f} s", va="center", fontsize=9)
+        ax_t.invert_yaxis()
+    ax_t.set_xlabel("wall time per case (s, log scale)")
+    ax_t.set_title("time per method (mean ± std)", fontsize=10)
+    ax_t.grid(axis="x", alpha=0.3, which="both")
+    for ax in (ax_q,):
+        plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def benchmark_registration(args, bundle: str, out_dir: Path) -> tuple[list[dict], list[str], str]:
+    """Run every method on every pair; returns the rows, the methods and the summary's markdown."""
+    import nibabel as nib
+
+    keys = ("moving_image", "fixed_image", "moving_label", "fixed_label")
+    pairs = load_pairs(args.datalist, args.dataset_dir, args.section, keys)[: args.max_pairs]
+    methods = list(args.methods or DEFAULTS[bundle]["methods"])
+    unknown = [m for m in methods if m not in ("identity", *REGISTRATION_BUNDLES, *PEERS)]
+    if unknown:
+        raise SystemExit(f"error: unknown method(s) {unknown}; choose from identity, {REGISTRATION_BUNDLES}, {PEERS}")
+    for method in [m for m in methods if m in PEERS]:
+        python, reason = peer_python(method)
+        if python is None:
+            print(f"skipping {method}: {reason}")
+            methods.remove(method)
+    print(f"{len(pairs)} pair(s) of {args.datalist}, methods {methods}, {args.threads} thread(s) per method")
+    rows, per_label_rows = [], []
+    for pair in pairs:
+        fixed_label = nib.load(pair["fixed_label"])
+        affine, shape = fixed_label.affine, fixed_label.shape[:3]
+        fixed_ids = np.asarray(fixed_label.dataobj).astype(np.int64)
+        moving_ids = labels_on_grid(nib.load(pair["moving_label"]), affine, shape)
+        peer_dir = tempfile.TemporaryDirectory(prefix="bench_pair_")
+        peer_pair = upsampled_pair(pair, Path(peer_dir.name)) if args.peer_grid == "label" else pair
+        for method in methods:
+            with tempfile.TemporaryDirectory(prefix=f"bench_{method}_") as tmp:
+                if method == "identity":
+                    ddf, measured = np.zeros((3, *shape), np.float32), {}
+                else:
+                    bundle_method = method in REGISTRATION_BUNDLES
+                    runner = run_bundle_method if bundle_method else run_peer_method
+                    try:
+                        field, measured = runner(method, pair if bundle_method else peer_pair, Path(tmp), args.threads)
+                    except RuntimeError as exc:
+                        raise SystemExit(f"error: {pair['name']}: {exc}") from None
+                    ddf = itk_field_to_ddf(nib.load(str(field)), affine, shape)
+            metrics, per_label = registration_metrics(ddf, moving_ids, fixed_ids, affine)
+            row = {"pair": pair["name"], "method": method, **metrics, **measured, "threads": args.threads}
+            rows.append(row)
+            per_label_rows += [
+                {"pair": pair["name"], "method": method, "label": k, "dice": v} for k, v in per_label.items()
+            ]
+            timing = f", {measured['seconds']:.1f} s, {measured['peak_rss_gb']:.2f} GB" if measured else ""
+            print(
+                f"{pair['name']} {method}: Dice {metrics['dice']:.4f}, HD95 {metrics['hd95']:.2f} mm, "
+                f"folding {metrics['folding']:.3f} %, SDlogJ {metrics['sdlogj']:.3f}{timing}",
+                flush=True,
+            )
+        peer_dir.cleanup()
+    write_csv(per_label_rows, out_dir / "dice_per_label.csv")
+    columns = [
+        ("dice", "Dice", 4),
+        ("hd95", "HD95 (mm)", 2),
+        ("asd", "ASD (mm)", 2),
+        ("folding", "folding (%)", 3),
+        ("sdlogj", "SDlogJ", 3),
+        ("seconds", "time (s)", 1),
+        ("peak_rss_gb", "peak RSS (GB)", 2),
+    ]
+    summary = summarise(rows, methods, [c[0] for c in columns], REFERENCE["registration"])
+    header = (
+        f"{len(pairs)} pair(s) of `{args.datalist_text}`, {args.threads} thread(s) per method, CPU; mean ± std over "
+        f"the pairs; produced by `{args.command}`."
+    )
+    table = summary_markdown(summary, methods, columns, REFERENCE["registration"], header)
+    plot(rows, methods, "dice", "mean Dice", f"{bundle} benchmark: {len(pairs)} pair(s)", out_dir / "benchmark.png")
+    return rows, methods, table
+
+
+def benchmark_sr(args, out_dir: Path) -> tuple[list[dict], list[str], str]:
+    """rem_sr's evaluate.json once per method, each in its own measured process; rows, methods, markdown."""
+    from tools.compare_methods import config_files, read_metrics
+
+    bundle_root = ROOT / "bundles" / "rem_sr"
+    methods = list(args.methods or DEFAULTS["rem_sr"]["methods"])
+    rows = []
+    print(f"rem_sr x{args.scale:g} on the test section of {args.datalist}, methods {methods}, {args.threads} thread(s)")
+    for method in methods:
+        run_dir = out_dir / "runs" / method
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(config_files(bundle_root))]
+        cmd += ["--bundle_root", str(bundle_root), "--output_dir", str(run_dir), "--method", method]
+        scale = int(args.scale) if float(args.scale).is_integer() else args.scale
+        cmd += ["--eval_scale", json.dumps(scale), "--dataset_dir", str(args.dataset_dir)]
+        cmd += ["--datalist", str(args.datalist)]
+        m = run_measured(cmd, env=thread_env(args.threads))
+        if m.returncode != 0:
+            tail = "\n".join((m.stdout + m.stderr).strip().splitlines()[-12:])
+            raise SystemExit(f"{tail}\nerror: rem_sr {method} failed with exit code {m.returncode}")
+        metrics = {k: v["mean"] for k, v in read_metrics(run_dir).items()}
+        row = {"volume": "test", "method": method, **metrics}
+        row.update({"process_seconds": m.seconds, "peak_rss_gb": m.peak_rss_gb, "threads": args.threads})
+        rows.append(row)
+        print(f"{method}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+    metric_names = [k for k in rows[0] if k not in ("volume", "method", "threads", "process_seconds", "peak_rss_gb")]
+    columns = [(k, k, 2 if "psnr" in k else 4) for k in metric_names if k != "seconds"]
+    columns += [("seconds", "time (s)", 1), ("peak_rss_gb", "peak RSS (GB)", 2)]
+    summary = summarise(rows, methods, [c[0] for c in columns], REFERENCE["sr"])
+    header = (
+        f"rem_sr ×{args.scale:g}, test section of `{args.datalist_text}`, {args.threads} thread(s), CPU; PSNR in dB; "
+        f"time: the method's forward pass (rem_sr's ForwardTimer); produced by `{args.command}`."
+    )
+    table = summary_markdown(summary, methods, columns, REFERENCE["sr"], header)
+    quality = "psnr_brain" if "psnr_brain" in metric_names else metric_names[0]
+    plot(rows, methods, quality, f"{quality} (dB)", f"rem_sr ×{args.scale:g}", out_dir / "benchmark.png")
+    return rows, methods, table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", choices=("rem_sr", *REGISTRATION_BUNDLES))
+    parser.add_argument("--datalist", type=Path, help="default: the bundle's test datalist under data/")
+    parser.add_argument("--dataset_dir", type=Path, help="default: the datalist's folder")
+    parser.add_argument("--section", default="test")
+    parser.add_argument("--methods", nargs="+", help="default: every method of the bundle's benchmark")
+    parser.add_argument("--threads", type=int, default=2, help="threads of every method (default 2)")
+    parser.add_argument("--max_pairs", type=int, default=None, help="only the first N pairs")
+    parser.add_argument(
+        "--peer_grid",
+        choices=("label", "image"),
+        default="label",
+        help="the peers' inputs: each image resampled onto its label's grid (trilinear ↓↑, default; the bundles also "
+        "register on the upsampled grid) or the image files as given",
+    )
+    parser.add_argument("--scale", type=float, default=4, help="rem_sr: the SR factor (default 4)")
+    parser.add_argument("--output_dir", type=Path, help="default: outputs/benchmark/<bundle>")
+    args = parser.parse_args(argv)
+    given = argv if argv is not None else sys.argv[1:]
+    args.command = "python tools/benchmark.py " + " ".join(given)
+    datalist = args.datalist or ROOT / DEFAULTS[args.bundle]["datalist"]
+    args.datalist_text = str(args.datalist or DEFAULTS[args.bundle]["datalist"])
+    args.datalist = datalist.resolve()
+    args.dataset_dir = (args.dataset_dir or args.datalist.parent).resolve()
+    out_dir = (args.output_dir or ROOT / "outputs" / "benchmark" / args.bundle).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.bundle == "rem_sr":
+        rows, methods, table = benchmark_sr(args, out_dir)
+    else:
+        rows, methods, table = benchmark_registration(args, args.bundle, out_dir)
+    write_csv(rows, out_dir / "results.csv")
+    atomic_write_text(table, out_dir / "summary.md")
+    print("\n" + table)
+    print(f"wrote {out_dir / 'results.csv'}, summary.md and benchmark.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
