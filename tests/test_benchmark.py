@@ -148,3 +148,19 @@ def test_sr_benchmark_on_the_synthetic_brains(brain_data, tmp_path):
     summary = (out / "summary.md").read_text()
     assert "time / bspline" in summary and "| bspline |" in summary
     assert (out / "benchmark.png").stat().st_size > 20000
+
+
+def test_card_fills_the_bundle_card_and_the_readme(tmp_path, monkeypatch):
+    (tmp_path / "bundles" / "refdrn" / "docs").mkdir(parents=True)
+    block = "<!-- benchmark:refdrn:start -->\nold\n<!-- benchmark:refdrn:end -->"
+    (tmp_path / "README.md").write_text(
+        f"# readme\n{block}\n<!-- benchmark:rem_sr:start -->keep<!-- benchmark:rem_sr:end -->"
+    )
+    (tmp_path / "bundles" / "refdrn" / "docs" / "README.md").write_text(f"# card\n{block}\n")
+    monkeypatch.setattr(benchmark, "ROOT", tmp_path)
+    written = benchmark.fill_cards("refdrn", "| new |")
+    assert len(written) == 2
+    for path in written:
+        text = path.read_text()
+        assert "| new |" in text and "old" not in text
+    assert "keep" in (tmp_path / "README.md").read_text()

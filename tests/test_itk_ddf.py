@@ -7,7 +7,9 @@
   ``itk.resample_image_filter`` onto the fixed grid, it reproduces the saved warped label exactly (nearest
   neighbour) and the saved warped image to 1e-4 in the interior. Interior: the voxels whose sampling point
   ``i + u(i)`` lies inside the moving array on every axis; outside it MONAI ``Warp`` pads with the border value and
-  ITK's resampler with 0, so those voxels differ by design.
+  ITK's resampler with 0, so those voxels differ by design. ANTs (``ants.apply_transforms``, i.e.
+  antsApplyTransforms, with the file as it is in its transform list) reproduces the same, in the peers venv
+  (``make peers-venv``; skipped with the reason without it), and applies a known shift the right way round.
 
 Both bundles run with their shipped weights on tiny pairs whose fixed image is stored in another orientation than
 the moving one (refdrn: fixed LPS-flipped, moving RAS; f3rnet: the phantoms' orientation, fixed mirrored).
@@ -250,21 +252,27 @@ def test_ants_applies_a_known_shift_in_the_itk_field(tmp_path):
     np.testing.assert_allclose(warped[:6], moving[2:], atol=1e-4)
 
 
-def test_ants_reads_the_refdrn_itk_field_and_reproduces_the_warped_outputs(refdrn_case, tmp_path):
+def _check_ants(tmp_path, case, name, moving_image, moving_label) -> float:
     """antsApplyTransforms with ``<case>_ddf_itk.nii.gz`` as it is: the saved warped label exactly (nearest
-    neighbour), the saved warped image to 1e-4 in the interior (see the module docstring)."""
-    case, name, root = refdrn_case
+    neighbour), the saved warped image to 1e-4 in the interior (see the module docstring); returns the image
+    difference."""
     field = case / f"{name}_ddf_itk.nii.gz"
     warped_path, label_path = case / f"{name}_warped.nii.gz", case / f"{name}_warped_label.nii.gz"
     warped, warped_label = _array(warped_path).astype(np.float32), _array(label_path)
-    ants_label = _ants_apply(tmp_path, label_path, root / "sub3_labels.nii.gz", field, "nearestNeighbor")
+    ants_label = _ants_apply(tmp_path, label_path, moving_label, field, "nearestNeighbor")
     np.testing.assert_array_equal(ants_label.round(), warped_label)
-    ants_image = _ants_apply(tmp_path, warped_path, case / f"{name}_sr_moving.nii.gz", field, "linear")
+    ants_image = _ants_apply(tmp_path, warped_path, moving_image, field, "linear")
     inside = _interior(np.asarray(nib.load(str(case / f"{name}_ddf.nii.gz")).dataobj, np.float32))
     scale = float(np.abs(warped).max())
     diff = float(np.abs(ants_image - warped)[inside].max())
-    print("ants", {"image": diff, "scale": scale})
     assert diff <= 1e-4 * scale, (diff, scale)
+    return diff
+
+
+def test_ants_reads_the_refdrn_itk_field_and_reproduces_the_warped_outputs(refdrn_case, tmp_path):
+    case, name, root = refdrn_case
+    diff = _check_ants(tmp_path, case, name, case / f"{name}_sr_moving.nii.gz", root / "sub3_labels.nii.gz")
+    print("ants refdrn", diff)
 
 
 def test_f3rnet_both_ddf_files_reproduce_the_warped_outputs(tmp_path):
@@ -285,3 +293,10 @@ def test_f3rnet_both_ddf_files_reproduce_the_warped_outputs(tmp_path):
     )
     diffs = _check_case(case, name, root / item["moving_image"], root / item["moving_label"], (36, 40, 32))
     print("f3rnet", diffs)
+    # ANTs too, where the peers venv is (the ITK checks above run everywhere)
+    if (ROOT / ".venv-peers" / "bin" / "python").is_file():
+        print(
+            "ants f3rnet", _check_ants(tmp_path, case, name, root / item["moving_image"], root / item["moving_label"])
+        )
+    else:
+        print("ANTs part skipped: .venv-peers is absent (make peers-venv)")

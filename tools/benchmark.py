@@ -31,6 +31,9 @@ on a log axis).
 Usage:
     python tools/benchmark.py refdrn [--datalist D --dataset_dir DIR --section test] [--methods ...] [--threads 2]
     python tools/benchmark.py rem_sr [--scale 4] [--threads 2]
+
+With ``--card`` the summary also goes into the bundle's model card and the README, between
+``<!-- benchmark:<bundle>:start -->`` and ``<!-- benchmark:<bundle>:end -->``.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.compare_methods import bundle_run_command  # noqa: E402
 from tools.niftiio import atomic_write, atomic_write_text  # noqa: E402
 from tools.resources import run_measured  # noqa: E402
 
@@ -253,22 +257,8 @@ def run_bundle_method(bundle: str, item: dict, work: Path, threads: int) -> tupl
     """
     bundle_root = ROOT / "bundles" / bundle
     out = work / "out"
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        str(bundle_root / "configs" / "inference.json"),
-        "--bundle_root",
-        str(bundle_root),
-        "--output_dir",
-        str(out),
-        "--moving_image",
-        item["moving_image"],
-        "--fixed_image",
-        item["fixed_image"],
-    ]
+    overrides = {"moving_image": item["moving_image"], "fixed_image": item["fixed_image"]}
+    cmd = bundle_run_command(str(bundle_root / "configs" / "inference.json"), bundle_root, out, overrides)
     m = run_measured(cmd, env=thread_env(threads))
     if m.returncode != 0:
         tail = "\n".join((m.stdout + m.stderr).strip().splitlines()[-12:])
@@ -352,8 +342,10 @@ def _cell(mean: float, std: float, digits: int) -> str:
     return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if math.isfinite(std) and std > 0 else "")
 
 
-def summary_markdown(summary: dict, methods: list[str], columns: list[tuple], reference: str, header: str) -> str:
-    """The summary table: a row per method; time and peak RSS also as ratios to `reference`."""
+def summary_markdown(
+    summary: dict, methods: list[str], columns: list[tuple], reference: str, header: str, time_key: str = "seconds"
+) -> str:
+    """The summary table: a row per method; `time_key` and peak RSS also as ratios to `reference`."""
     lines = [header, ""]
     names = [c[1] for c in columns] + [f"time / {reference}", f"peak RSS / {reference}"]
     lines.append("| method | " + " | ".join(names) + " |")
@@ -362,7 +354,7 @@ def summary_markdown(summary: dict, methods: list[str], columns: list[tuple], re
     for method in methods:
         s = summary[method]
         cells = [_cell(*s[key][:2], digits) for key, _, digits in columns]
-        for key in ("seconds", "peak_rss_gb"):
+        for key in (time_key, "peak_rss_gb"):
             if ref and math.isfinite(ref[key][0]) and ref[key][0] > 0 and math.isfinite(s[key][0]):
                 cells.append(f"{s[key][0] / ref[key][0]:.2f}")
             else:
@@ -396,10 +388,15 @@ def plot(rows: list[dict], methods: list[str], quality: str, quality_name: str, 
     ax_q.boxplot(values, tick_labels=shown, showmeans=True)
     for k, v in enumerate(values):
         ax_q.scatter(np.full(len(v), k + 1) + np.linspace(-0.08, 0.08, len(v)), v, s=14, color="tab:blue", zorder=3)
+    case_key = "pair" if rows and "pair" in rows[0] else "volume"
+    for case in dict.fromkeys(r[case_key] for r in rows):  # one grey line per case: the paired comparison
+        ys = [next((r[quality] for r in rows if r["method"] == m and r[case_key] == case), np.nan) for m in shown]
+        ax_q.plot(range(1, len(shown) + 1), ys, "-", color="0.6", linewidth=0.8, zorder=2)
     ax_q.set_ylabel(quality_name)
-    ax_q.set_title(f"{quality_name} per method (box: quartiles, triangle: mean)", fontsize=10)
+    ax_q.set_title(f"{quality_name} per method (box: quartiles, triangle: mean, grey: one case)", fontsize=10)
     ax_q.grid(axis="y", alpha=0.3)
-    times = [[r["seconds"] for r in rows if r["method"] == m and r.get("seconds", 0) > 0] for m in shown]
+    time_key = "process_seconds" if quality.startswith(("psnr", "ssim")) else "seconds"
+    times = [[r[time_key] for r in rows if r["method"] == m and r.get(time_key, 0) > 0] for m in shown]
     timed = [(m, t) for m, t in zip(shown, times) if t]
     if timed:
         ax_t.barh(
@@ -409,10 +406,14 @@ def plot(rows: list[dict], methods: list[str], quality: str, quality_name: str, 
             color="tab:orange",
         )
         ax_t.set_xscale("log")
+        # bars start at the decade below the fastest method, so their lengths compare on the log axis
+        ax_t.set_xlim(left=10 ** math.floor(math.log10(min(np.mean(t) for _, t in timed))))
         for k, (_, t) in enumerate(timed):
             ax_t.text(np.mean(t), k, f"  {np.mean(t):.1f} s", va="center", fontsize=9)
         ax_t.invert_yaxis()
-    ax_t.set_xlabel("wall time per case (s, log scale)")
+    ax_t.set_xlabel(
+        ("whole process" if time_key == "process_seconds" else "registration") + " wall time (s, log scale)"
+    )
     ax_t.set_title("time per method (mean ± std)", fontsize=10)
     ax_t.grid(axis="x", alpha=0.3, which="both")
     for ax in (ax_q,):
@@ -483,6 +484,7 @@ def benchmark_registration(args, bundle: str, out_dir: Path) -> tuple[list[dict]
         ("folding", "folding (%)", 3),
         ("sdlogj", "SDlogJ", 3),
         ("seconds", "time (s)", 1),
+        ("process_seconds", "process (s)", 1),
         ("peak_rss_gb", "peak RSS (GB)", 2),
     ]
     summary = summarise(rows, methods, [c[0] for c in columns], REFERENCE["registration"])
@@ -505,11 +507,10 @@ def benchmark_sr(args, out_dir: Path) -> tuple[list[dict], list[str], str]:
     print(f"rem_sr x{args.scale:g} on the test section of {args.datalist}, methods {methods}, {args.threads} thread(s)")
     for method in methods:
         run_dir = out_dir / "runs" / method
-        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(config_files(bundle_root))]
-        cmd += ["--bundle_root", str(bundle_root), "--output_dir", str(run_dir), "--method", method]
         scale = int(args.scale) if float(args.scale).is_integer() else args.scale
-        cmd += ["--eval_scale", json.dumps(scale), "--dataset_dir", str(args.dataset_dir)]
-        cmd += ["--datalist", str(args.datalist)]
+        overrides = {"method": method, "eval_scale": scale, "dataset_dir": str(args.dataset_dir)}
+        overrides["datalist"] = str(args.datalist)
+        cmd = bundle_run_command(config_files(bundle_root), bundle_root, run_dir, overrides)
         m = run_measured(cmd, env=thread_env(args.threads))
         if m.returncode != 0:
             tail = "\n".join((m.stdout + m.stderr).strip().splitlines()[-12:])
@@ -521,16 +522,39 @@ def benchmark_sr(args, out_dir: Path) -> tuple[list[dict], list[str], str]:
         print(f"{method}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
     metric_names = [k for k in rows[0] if k not in ("volume", "method", "threads", "process_seconds", "peak_rss_gb")]
     columns = [(k, k, 2 if "psnr" in k else 4) for k in metric_names if k != "seconds"]
-    columns += [("seconds", "time (s)", 1), ("peak_rss_gb", "peak RSS (GB)", 2)]
+    columns += [
+        ("seconds", "network (s)", 1),
+        ("process_seconds", "process (s)", 1),
+        ("peak_rss_gb", "peak RSS (GB)", 2),
+    ]
     summary = summarise(rows, methods, [c[0] for c in columns], REFERENCE["sr"])
     header = (
         f"rem_sr ×{args.scale:g}, test section of `{args.datalist_text}`, {args.threads} thread(s), CPU; PSNR in dB; "
-        f"time: the method's forward pass (rem_sr's ForwardTimer); produced by `{args.command}`."
+        "network: REM's forward pass (rem_sr's ForwardTimer; the interpolators have none); process: the whole "
+        "evaluation process (loading, degradation, the method, metrics), the base of the time ratios; produced by "
+        f"`{args.command}`."
     )
-    table = summary_markdown(summary, methods, columns, REFERENCE["sr"], header)
+    table = summary_markdown(summary, methods, columns, REFERENCE["sr"], header, time_key="process_seconds")
     quality = "psnr_brain" if "psnr_brain" in metric_names else metric_names[0]
     plot(rows, methods, quality, f"{quality} (dB)", f"rem_sr ×{args.scale:g}", out_dir / "benchmark.png")
     return rows, methods, table
+
+
+def fill_cards(bundle: str, table: str) -> list[Path]:
+    """Paste a summary table into the bundle's model card and the README (``<!-- benchmark:<bundle>:start -->`` ...
+    ``<!-- benchmark:<bundle>:end -->`` in each); returns the files written.
+
+    Raises:
+        SystemExit: a file lacks the markers.
+    """
+    from tools.fill_model_card import fill
+
+    markers = (f"<!-- benchmark:{bundle}:start -->", f"<!-- benchmark:{bundle}:end -->")
+    written = []
+    for path in (ROOT / "bundles" / bundle / "docs" / "README.md", ROOT / "README.md"):
+        atomic_write_text(fill(path.read_text(), table, *markers), path)
+        written.append(path)
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -551,8 +575,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--scale", type=float, default=4, help="rem_sr: the SR factor (default 4)")
     parser.add_argument("--output_dir", type=Path, help="default: outputs/benchmark/<bundle>")
+    parser.add_argument(
+        "--card", action="store_true", help="also paste the summary into the bundle's model card and the README"
+    )
     args = parser.parse_args(argv)
-    given = argv if argv is not None else sys.argv[1:]
+    given = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--card"]
     args.command = "python tools/benchmark.py " + " ".join(given)
     datalist = args.datalist or ROOT / DEFAULTS[args.bundle]["datalist"]
     args.datalist_text = str(args.datalist or DEFAULTS[args.bundle]["datalist"])
@@ -568,6 +595,9 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_text(table, out_dir / "summary.md")
     print("\n" + table)
     print(f"wrote {out_dir / 'results.csv'}, summary.md and benchmark.png")
+    if args.card:
+        for path in fill_cards(args.bundle, table):
+            print(f"updated {path}")
     return 0
 
 

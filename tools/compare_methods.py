@@ -54,6 +54,17 @@ def config_files(bundle_root: Path) -> list[str]:
     return [str(bundle_root / "configs" / "train.json"), str(bundle_root / "configs" / "evaluate.json")]
 
 
+def bundle_run_command(config: list[str] | str, bundle_root: Path, output_dir: Path, overrides: dict) -> list[str]:
+    """The ``python -m monai.bundle run`` command of one run: `config` (a file, or a list merged in order), the bundle
+    root, the output folder and ``--key value`` overrides (strings as they are, other values as JSON)."""
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file"]
+    cmd += [config if isinstance(config, str) else json.dumps(config)]
+    cmd += ["--bundle_root", str(bundle_root), "--output_dir", str(output_dir)]
+    for key, value in overrides.items():
+        cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+    return cmd
+
+
 def parse_value(text: str):
     """A command-line value as the bundle runner would read it (JSON when it parses, else the string)."""
     try:
@@ -240,20 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                 results[label][method] = NOT_TRAINED
                 continue
             run_dir = out_dir / label / method
-            cmd = [
-                sys.executable,
-                "-m",
-                "monai.bundle",
-                "run",
-                "--config_file",
-                json.dumps(config_files(bundle_root)),
-                "--bundle_root",
-                str(bundle_root),
-                "--output_dir",
-                str(run_dir),
-            ]
-            for key, value in run_overrides.items():
-                cmd += [f"--{key}", value if isinstance(value, str) else json.dumps(value)]
+            cmd = bundle_run_command(config_files(bundle_root), bundle_root, run_dir, run_overrides)
             print(f"[{label}] {method}: evaluating into {run_dir}", flush=True)
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if proc.returncode != 0:

@@ -32,6 +32,7 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.compare_methods import bundle_run_command  # noqa: E402
 from tools.fill_model_card import fill  # noqa: E402
 from tools.niftiio import atomic_write_text  # noqa: E402
 from tools.resources import run_measured  # noqa: E402
@@ -93,20 +94,9 @@ def measure(bundle: str, size: int, threads: int, work: Path) -> dict:
     """
     bundle_root = ROOT / "bundles" / bundle
     overrides = write_inputs(bundle, size, work / "in")
-    cmd = [
-        sys.executable,
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        str(bundle_root / "configs" / "inference.json"),
-        "--bundle_root",
-        str(bundle_root),
-        "--output_dir",
-        str(work / f"out_{size}"),
-    ]
-    for key, value in overrides.items():
-        cmd += [f"--{key}", value]
+    cmd = bundle_run_command(
+        str(bundle_root / "configs" / "inference.json"), bundle_root, work / f"out_{size}", overrides
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     print(f"{bundle}: {size}³ ...", flush=True)
     m = run_measured(cmd, env=env)
