@@ -45,7 +45,6 @@ import importlib.util
 import io
 import json
 import math
-import os
 import re
 import sys
 import tempfile
@@ -55,9 +54,9 @@ import numpy as np
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.compare_methods import bundle_run_command  # noqa: E402
+from tools.compare_methods import bundle_run_command, bundle_scripts  # noqa: E402
 from tools.niftiio import atomic_write, atomic_write_text  # noqa: E402
-from tools.resources import run_measured  # noqa: E402
+from tools.resources import run_measured, thread_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
@@ -158,17 +157,6 @@ def labels_on_grid(label, affine: np.ndarray, shape) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ metrics
-def _bundle_module(bundle: str, module: str):
-    """``scripts.<module>`` of a bundle (each bundle has its own ``scripts`` package)."""
-    root = str(ROOT / "bundles" / bundle)
-    for name in [m for m in sys.modules if m == "scripts" or m.startswith("scripts.")]:
-        if not str(getattr(sys.modules[name], "__file__", "") or "").startswith(root):
-            del sys.modules[name]
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    return importlib.import_module(f"scripts.{module}")
-
-
 def registration_metrics(ddf: np.ndarray, moving_label: np.ndarray, fixed_label: np.ndarray, affine: np.ndarray):
     """The benchmark's metrics of one DDF, the same code for every method.
 
@@ -187,13 +175,12 @@ def registration_metrics(ddf: np.ndarray, moving_label: np.ndarray, fixed_label:
     from monai.metrics import DiceMetric
     from monai.networks.blocks import Warp
 
-    rm = _bundle_module("refdrn", "registration_metrics")
+    rm = bundle_scripts(ROOT / "bundles" / "refdrn", "registration_metrics")
     ids = np.union1d(np.unique(fixed_label), np.unique(moving_label))
     ids = ids[ids > 0]
-    lookup = {int(i): k + 1 for k, i in enumerate(ids)}
-    renumber = np.vectorize(lambda v: lookup.get(int(v), 0), otypes=[np.int64])
-    moving = renumber(moving_label) if ids.size < 1000 else np.searchsorted(np.r_[0, ids], moving_label)
-    fixed = renumber(fixed_label) if ids.size < 1000 else np.searchsorted(np.r_[0, ids], fixed_label)
+    # ids 1..K in the order of the pair's label ids (0 stays 0); every value of both maps is in [0, *ids]
+    moving = np.searchsorted(np.r_[0, ids], moving_label)
+    fixed = np.searchsorted(np.r_[0, ids], fixed_label)
     num_classes = len(ids) + 1
     flow = torch.as_tensor(ddf, dtype=torch.float32)[None]
     warped = Warp(mode="nearest", padding_mode="zeros")(torch.as_tensor(moving, dtype=torch.float32)[None, None], flow)
@@ -239,16 +226,6 @@ def peer_python(method: str) -> tuple[str | None, str]:
     return None, f"{PEERS_PYTHON} is absent (run `make peers-venv`)"
 
 
-def thread_env(threads: int) -> dict:
-    """The environment of every method's process: the same thread count for torch, OpenMP and ITK."""
-    return {
-        **os.environ,
-        "OMP_NUM_THREADS": str(threads),
-        "MKL_NUM_THREADS": str(threads),
-        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads),
-    }
-
-
 def run_bundle_method(bundle: str, item: dict, work: Path, threads: int) -> tuple[Path, dict]:
     """The bundle's inference.json on one pair; returns its ITK-convention field and the measurements.
 
@@ -261,8 +238,7 @@ def run_bundle_method(bundle: str, item: dict, work: Path, threads: int) -> tupl
     cmd = bundle_run_command(str(bundle_root / "configs" / "inference.json"), bundle_root, out, overrides)
     m = run_measured(cmd, env=thread_env(threads))
     if m.returncode != 0:
-        tail = "\n".join((m.stdout + m.stderr).strip().splitlines()[-12:])
-        raise RuntimeError(f"{bundle} failed with exit code {m.returncode}:\n{tail}")
+        raise RuntimeError(f"{bundle} failed with exit code {m.returncode}:\n{m.tail()}")
     fields = sorted(out.rglob("*_ddf_itk.nii.gz"))
     if len(fields) != 1:
         raise RuntimeError(f"{bundle} wrote {len(fields)} ITK-convention fields in {out}, expected 1")
@@ -284,8 +260,7 @@ def run_peer_method(method: str, item: dict, work: Path, threads: int) -> tuple[
     cmd = [python, str(RUN_PEER), method, "--fixed", item["fixed_image"], "--moving", item["moving_image"]]
     m = run_measured([*cmd, "--out", str(field)], env=thread_env(threads))
     if m.returncode != 0 or not field.is_file():
-        tail = "\n".join((m.stdout + m.stderr).strip().splitlines()[-12:])
-        raise RuntimeError(f"{method} failed with exit code {m.returncode}:\n{tail}")
+        raise RuntimeError(f"{method} failed with exit code {m.returncode}:\n{m.tail()}")
     seconds = json.loads(m.stdout.strip().splitlines()[-1])["seconds"]
     return field, {"seconds": seconds, "process_seconds": m.seconds, "peak_rss_gb": m.peak_rss_gb}
 
@@ -513,8 +488,7 @@ def benchmark_sr(args, out_dir: Path) -> tuple[list[dict], list[str], str]:
         cmd = bundle_run_command(config_files(bundle_root), bundle_root, run_dir, overrides)
         m = run_measured(cmd, env=thread_env(args.threads))
         if m.returncode != 0:
-            tail = "\n".join((m.stdout + m.stderr).strip().splitlines()[-12:])
-            raise SystemExit(f"{tail}\nerror: rem_sr {method} failed with exit code {m.returncode}")
+            raise SystemExit(f"{m.tail()}\nerror: rem_sr {method} failed with exit code {m.returncode}")
         metrics = {k: v["mean"] for k, v in read_metrics(run_dir).items()}
         row = {"volume": "test", "method": method, **metrics}
         row.update({"process_seconds": m.seconds, "peak_rss_gb": m.peak_rss_gb, "threads": args.threads})

@@ -157,21 +157,28 @@ def markdown(results: dict, methods: list[str], command: str) -> str:
     return "\n".join(lines)
 
 
+def bundle_scripts(bundle_root: Path, module: str):
+    """``scripts.<module>`` of the bundle at `bundle_root`. Every bundle has its own ``scripts`` package, so another
+    bundle's, if one is loaded, is dropped from ``sys.modules`` first."""
+    import importlib
+
+    root = str(bundle_root)
+    for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
+        if not str(getattr(sys.modules[name], "__file__", "") or "").startswith(root):
+            del sys.modules[name]
+    sys.path.insert(0, root)
+    try:
+        return importlib.import_module(f"scripts.{module}")
+    finally:
+        sys.path.remove(root)
+
+
 def comparison_figures(bundle_root: Path, out_dir: Path, results: dict) -> list[Path]:
     """Call the bundle's ``scripts.evaluate.comparison_figure(runs, path)`` once per grid point, if it has one.
 
     Returns the figures written (none when the bundle defines no comparison figure or no method ran).
     """
-    import importlib
-
-    sys.path.insert(0, str(bundle_root))
-    try:
-        for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
-            del sys.modules[name]  # another bundle's scripts package may be loaded already
-        evaluate = importlib.import_module("scripts.evaluate")
-    finally:
-        sys.path.remove(str(bundle_root))
-    make = getattr(evaluate, "comparison_figure", None)
+    make = getattr(bundle_scripts(bundle_root, "evaluate"), "comparison_figure", None)
     written = []
     if make is None:
         return written

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -35,7 +34,7 @@ if __package__ in (None, ""):
 from tools.compare_methods import bundle_run_command  # noqa: E402
 from tools.fill_model_card import fill  # noqa: E402
 from tools.niftiio import atomic_write_text  # noqa: E402
-from tools.resources import run_measured  # noqa: E402
+from tools.resources import run_measured, thread_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ("rem_sr", "refdrn", "f3rnet_ct_mri")
@@ -97,12 +96,10 @@ def measure(bundle: str, size: int, threads: int, work: Path) -> dict:
     cmd = bundle_run_command(
         str(bundle_root / "configs" / "inference.json"), bundle_root, work / f"out_{size}", overrides
     )
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     print(f"{bundle}: {size}³ ...", flush=True)
-    m = run_measured(cmd, env=env)
+    m = run_measured(cmd, env=thread_env(threads))
     if m.returncode != 0:
-        tail = "\n".join((m.stdout + m.stderr).strip().splitlines()[-15:])
-        raise SystemExit(f"{tail}\nerror: {bundle} inference at {size}³ failed with exit code {m.returncode}")
+        raise SystemExit(f"{m.tail(15)}\nerror: {bundle} inference at {size}³ failed with exit code {m.returncode}")
     voxels = size**3
     row = {
         "size": size,

@@ -10,6 +10,7 @@ the command's own ``ru_maxrss`` (KiB on Linux) and wall time to a file. Used by 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -50,6 +51,20 @@ class Measured:
     def peak_rss_gb(self) -> float:
         """Peak RSS in GB (10^9 bytes)."""
         return self.peak_rss_bytes / 1e9
+
+    def tail(self, lines: int = 12) -> str:
+        """The last `lines` lines of the command's stdout and stderr, for an error message."""
+        return "\n".join((self.stdout + self.stderr).strip().splitlines()[-lines:])
+
+
+def thread_env(threads: int) -> dict:
+    """This environment with one thread count for torch, OpenMP, MKL and ITK, so measured commands compare."""
+    return {
+        **os.environ,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads),
+    }
 
 
 def run_measured(cmd: list[str], env: dict | None = None, cwd: str | None = None) -> Measured:

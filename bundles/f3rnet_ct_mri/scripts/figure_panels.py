@@ -19,7 +19,6 @@ Full-Resolution Residual Registration Network for Multimodal Image Registration"
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .common import atomic_write_bytes
+from . import figures
 from .figures import (
     EDGE_LETTERS,
     PLANES,
@@ -202,10 +201,8 @@ def capture_panels(
 
 
 def save_panels(path: str | Path, panels: Mapping[str, Any]) -> Path:
-    """Write `panels` (strings and arrays) as a compressed ``.npz`` atomically; returns the path."""
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in panels.items()})
-    return atomic_write_bytes(path, buffer.getvalue())
+    """Write `panels` (strings and arrays) as a compressed ``.npz`` atomically (``figures.save_panels``)."""
+    return figures.save_panels(path, panels)
 
 
 def load_panels(path: str | Path) -> dict[str, np.ndarray]:
@@ -213,13 +210,12 @@ def load_panels(path: str | Path) -> dict[str, np.ndarray]:
 
     Raises:
         FileNotFoundError: no such file.
-        ValueError: a key of `capture_panels`' output is missing.
+        ValueError: the file is not readable, or a key of `capture_panels`' output is missing.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no figure panels (the evaluation's RegistrationFigure handler writes them)")
-    with np.load(path, allow_pickle=False) as data:
-        panels = {k: data[k] for k in data.files}
+    panels = figures.load_panels(path)
     planes = [str(p) for p in panels.get("planes", [])]
     needed = ["organ_ids", "organ_names", "spacing", "planes", "dice", "dice_before", "case", "method_title"]
     needed += [f"{p}_{n}" for p in planes for n in (*PLANE_ARRAYS, "index")]
@@ -248,20 +244,10 @@ def _mean(values: Sequence[float]) -> float:
 def _show(ax, image: np.ndarray, plane: str, spacing: Sequence[float], title: str, brightness: float = 1.0) -> None:
     """A grey image panel at physical aspect with its edge letters (images in [0, 1])."""
     ax.imshow(brightness * image, cmap="gray", vmin=0, vmax=1, aspect=view_aspect(spacing, plane))
-    _letters(ax, plane, "yellow", "black")
+    mark_orientation(ax, plane, color="yellow", fontsize=8, outline="black", outline_width=2)
     ax.set_title(title, fontsize=7)
     ax.set_xticks([])
     ax.set_yticks([])
-
-
-def _letters(ax, plane: str, colour: str, outline: str) -> None:
-    """``figures.mark_orientation`` with an outline, so the letters read on bright and dark tissue alike."""
-    import matplotlib.patheffects as effects
-
-    before = len(ax.texts)
-    mark_orientation(ax, plane, color=colour, fontsize=8)
-    for text in ax.texts[before:]:
-        text.set_path_effects([effects.withStroke(linewidth=2, foreground=outline)])
 
 
 def _contours(ax, labels: np.ndarray, panels: Mapping[str, np.ndarray], linewidth: float = 0.8) -> None:
@@ -302,7 +288,7 @@ def _jacobian(ax, panels: Mapping[str, np.ndarray], plane: str, title: str):
             aspect=view_aspect(panels["spacing"], plane),
             interpolation="nearest",
         )
-    _letters(ax, plane, "black", "white")
+    mark_orientation(ax, plane, color="black", fontsize=8, outline="white", outline_width=2)
     ax.set_title(f"{title}\ndet J {jac.min():.2f}..{jac.max():.2f}; det J<=0: {int(folded.sum())} px", fontsize=7)
     ax.set_xticks([])
     ax.set_yticks([])

@@ -17,7 +17,7 @@ Every view is ``plane_array.T[::-1, ::-1]`` (the in-plane array transposed, then
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -96,17 +96,25 @@ def ddf_view(ddf: np.ndarray, plane: str = "axial", index: int | None = None) ->
     return -slice_view(d[row], plane, index), -slice_view(d[col], plane, index)
 
 
-def mark_orientation(ax, plane: str = "axial", color: str = "yellow", fontsize: float = 7) -> None:
+def mark_orientation(
+    ax,
+    plane: str = "axial",
+    color: str = "yellow",
+    fontsize: float = 7,
+    outline: str = "black",
+    outline_width: float = 1.5,
+) -> None:
     """Write the edge letters of `plane` (e.g. R/L/A/P for axial) inside the four edges of `ax`'s panel.
 
-    The letters have a dark outline, so that they stay readable on bright tissue.
+    The letters have an `outline` (e.g. black around yellow on images, white around black on a white map), so
+    that they stay readable on bright and dark tissue alike.
     """
     from matplotlib import patheffects
 
     _plane(plane)
     left, right, top, bottom = EDGE_LETTERS[plane]
-    outline = [patheffects.withStroke(linewidth=1.5, foreground="black")]
-    style = dict(color=color, fontsize=fontsize, fontweight="bold", transform=ax.transAxes, path_effects=outline)
+    effects = [patheffects.withStroke(linewidth=outline_width, foreground=outline)]
+    style = dict(color=color, fontsize=fontsize, fontweight="bold", transform=ax.transAxes, path_effects=effects)
     ax.text(0.02, 0.5, left, ha="left", va="center", **style)
     ax.text(0.98, 0.5, right, ha="right", va="center", **style)
     ax.text(0.5, 0.98, top, ha="center", va="top", **style)
@@ -150,6 +158,31 @@ def draw_grid(
         ax.plot(x[:, j], y[:, j], "-", color=color, linewidth=linewidth)
     ax.set_xlim(-0.5, cols - 0.5)
     ax.set_ylim(rows - 0.5, -0.5)
+
+
+def save_panels(path: str | Path, panels: Mapping) -> Path:
+    """Write a figure's panels (name -> array, number or string) as a compressed ``.npz`` atomically (no pickled
+    objects); returns the path. Each bundle's evaluation leaves its figure's panels this way (``figure_panels.npz``)
+    for ``comparison_figure``."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in panels.items()})
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_panels(path: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of a ``.npz`` written by :func:`save_panels` (strings come back as 0-d unicode arrays).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a readable ``.npz`` without pickled objects.
+    """
+    try:
+        with np.load(Path(path), allow_pickle=False) as data:
+            return {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # numpy raises several types for a damaged archive
+        raise ValueError(f"{path}: not a readable figure-panels archive ({e})") from None
 
 
 def save_figure(fig, path: str | Path, dpi: int = 120) -> Path:

@@ -22,7 +22,6 @@ This module holds the pieces MONAI has no equivalent for:
 
 from __future__ import annotations
 
-import io
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,7 +36,7 @@ from monai.metrics import PSNRMetric
 from torch import nn
 
 from . import figures
-from .common import BundleInputError, atomic_write_bytes, case_name, unwrap
+from .common import BundleInputError, case_name, unwrap
 from .networks import RegistrationCascade, build_registration_network
 from .registration_metrics import jacobian_determinant, voxel_spacing
 
@@ -324,10 +323,9 @@ def figure_panels(
 
 
 def save_panels(panels: Mapping, path: str | Path) -> Path:
-    """Write `panels` (name -> array, number or string) as a compressed ``.npz`` atomically; returns the path."""
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **{k: np.asarray(v) for k, v in panels.items()})
-    return atomic_write_bytes(path, buffer.getvalue())
+    """Write `panels` (name -> array, number or string) as a compressed ``.npz`` atomically (``figures.save_panels``);
+    returns the path."""
+    return figures.save_panels(path, panels)
 
 
 def load_panels(path: str | Path) -> dict[str, np.ndarray]:
@@ -335,9 +333,9 @@ def load_panels(path: str | Path) -> dict[str, np.ndarray]:
 
     Raises:
         FileNotFoundError: no such file.
+        ValueError: not a readable archive.
     """
-    with np.load(Path(path), allow_pickle=False) as data:
-        return {key: data[key] for key in data.files}
+    return figures.load_panels(path)
 
 
 def _pyplot():

@@ -11,7 +11,6 @@ Images" (Sections IV-A, IV-C, IV-D and Fig. 4).
 
 from __future__ import annotations
 
-import io
 import math
 import textwrap
 import time
@@ -28,7 +27,7 @@ from monai.metrics.regression import compute_ssim_and_cs
 from monai.utils import MetricReduction
 
 from . import figures
-from .common import BundleInputError, PerCaseMetric, atomic_write_bytes, case_name
+from .common import BundleInputError, PerCaseMetric, case_name
 from .degradation import downsample
 
 __all__ = [
@@ -322,10 +321,9 @@ def load_panels(path: str | Path) -> dict:
     if not path.is_file():
         raise BundleInputError(f"{path}: figure panels not found; run the evaluation of this method again")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            data = {k: npz[k] for k in npz.files}
-    except Exception as e:  # numpy raises several types for a damaged archive
-        raise BundleInputError(f"{path}: not a readable figure-panels archive ({e})") from None
+        data = figures.load_panels(path)
+    except ValueError as e:
+        raise BundleInputError(str(e)) from None
     missing = [k for k in ("case", "method", "scale", "psnr", "ssim", "hr_axial") if k not in data]
     if missing:
         raise BundleInputError(f"{path}: not a figure-panels archive (no {', '.join(missing)})")
@@ -338,9 +336,7 @@ def load_panels(path: str | Path) -> dict:
 
 def _save_panels(path: Path, panels: Mapping[str, np.ndarray], **info) -> Path:
     """`panels` and the scalars/strings of `info` as a compressed ``.npz``, written atomically."""
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **panels, **{k: np.asarray(v) for k, v in info.items()})
-    return atomic_write_bytes(path, buffer.getvalue())
+    return figures.save_panels(path, {**panels, **info})
 
 
 def _box(panels: Mapping, plane: str, margin: float = 0.06, threshold: float = 0.02) -> tuple[int, int, int, int]:

@@ -46,15 +46,6 @@ def _per_axis(value, what: str, ok) -> list[float]:
     return numbers * 3 if len(numbers) == 1 else numbers
 
 
-def _case(data: Mapping, key) -> str:
-    """The case name for the printed line: ``common.case_name`` when the data has a name or a file name, else
-    ``"case"`` (an in-memory volume, e.g. in a MONAI Deploy application)."""
-    meta = getattr(data.get(key), "meta", {}) or {}
-    if data.get("name") or meta.get("filename_or_obj"):
-        return case_name(data, key)
-    return "case"
-
-
 def _axes(selected: np.ndarray) -> str:
     """``"axis 2"`` or ``"axes 0, 1"``: the array axes where `selected` is true."""
     axes = [str(a) for a in np.flatnonzero(selected)]
@@ -267,7 +258,7 @@ class UpsampleToTargetd(MapTransform):
             zoom, how = self.plan(d[key])
             size = self._sizes(d[key], zoom)
             if self.report:
-                line, warning = self.describe(_case(d, key), d[key], size, how)
+                line, warning = self.describe(case_name(d, key), d[key], size, how)
                 print(line, flush=True)
                 if warning:
                     print(warning, file=sys.stderr, flush=True)
