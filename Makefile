@@ -12,7 +12,7 @@ DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
 PEERS_VENV := .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
 
-.PHONY: demo test lint format verify export package deploy-venv test-deploy peers-venv test-peers benchmark memory data pairs phantoms train-rem evaluate-rem evaluate-refdrn evaluate-f3rnet clean
+.PHONY: demo test lint format verify export package deploy-venv test-deploy peers-venv test-peers benchmark profile memory data pairs phantoms train-rem evaluate-rem evaluate-refdrn evaluate-f3rnet clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-optional.txt
 	$(PYTHON) -m venv $(VENV)
@@ -102,11 +102,19 @@ evaluate-f3rnet: phantoms
 
 # the bundles against elastix and ANTs on the same pairs (tools/benchmark.py); the peers come from .venv-peers
 # (`make peers-venv`; without it elastix runs in .venv and ANTs is skipped). THREADS: threads of every method.
+# BASELINE: the previous release (a git revision), run with its own code and weights for the before/after line
+# (ce82f87: rem_sr 0.2.2, refdrn 0.1.4, f3rnet_ct_mri 0.1.3, before the CPU fast paths). CARD=1 fills the cards.
 THREADS ?= 2
+BASELINE ?= ce82f87
+BENCH = $(PY) tools/benchmark.py --threads $(THREADS) $(if $(BASELINE),--baseline $(BASELINE)) $(if $(CARD),--card)
 benchmark: pairs phantoms
-	$(PY) tools/benchmark.py rem_sr --threads $(THREADS)
-	$(PY) tools/benchmark.py refdrn --threads $(THREADS)
-	$(PY) tools/benchmark.py f3rnet_ct_mri --threads $(THREADS)
+	$(BENCH) rem_sr
+	$(BENCH) refdrn
+	$(BENCH) f3rnet_ct_mri
+
+# where each bundle's inference spends its time, stage by stage, on one test case (tools/profile_inference.py)
+profile: pairs phantoms
+	for b in rem_sr refdrn f3rnet_ct_mri; do $(PY) tools/profile_inference.py $$b --threads $(THREADS) $(if $(CARD),--card) || exit 1; done
 
 # peak RSS of each bundle's inference at 128³, 192³ and 256³ (tools/peak_memory.py); CARD=1 fills the cards
 memory: $(STAMP)

@@ -164,3 +164,30 @@ def test_card_fills_the_bundle_card_and_the_readme(tmp_path, monkeypatch):
         text = path.read_text()
         assert "| new |" in text and "old" not in text
     assert "keep" in (tmp_path / "README.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ before / after
+def test_split_method_names_a_baseline_revision():
+    assert benchmark.split_method("refdrn@ce82f87") == ("refdrn", "ce82f87")
+    assert benchmark.split_method("elastix") == ("elastix", None)
+
+
+def test_before_after_line_compares_the_baseline_with_this_checkout():
+    summary = {
+        "refdrn": {"case_seconds": (8.0, 0, 4), "peak_rss_gb": (1.4, 0, 4), "dice": (0.6620, 0, 4)},
+        "refdrn@abc": {"case_seconds": (24.0, 0, 4), "peak_rss_gb": (3.6, 0, 4), "dice": (0.6621, 0, 4)},
+        "elastix": {"case_seconds": (float("nan"), 0, 0), "peak_rss_gb": (1.2, 0, 4), "dice": (0.66, 0, 4)},
+    }
+    line = benchmark.before_after(summary, ["refdrn", "refdrn@abc", "elastix"], ("dice",), "case_seconds")
+    assert "refdrn, before (abc) → after: time 24.0 → 8.0 s (3.0× faster)" in line
+    assert "peak RSS 3.60 → 1.40 GB" in line and "dice 0.6621 → 0.6620" in line
+    assert "elastix" not in line
+    assert benchmark.before_after(summary, ["refdrn", "elastix"], ("dice",), "case_seconds") == ""
+
+
+def test_export_bundles_writes_a_revision_and_refuses_an_unknown_one(tmp_path):
+    bundles = benchmark.export_bundles("HEAD", tmp_path)
+    assert (bundles / "refdrn" / "configs" / "inference.json").is_file()
+    assert (bundles / "rem_sr" / "models" / "model.pt").is_file()
+    with pytest.raises(SystemExit, match="--baseline no-such-revision"):
+        benchmark.export_bundles("no-such-revision", tmp_path / "x")

@@ -148,7 +148,7 @@ def rem_evaluations(tmp_path_factory):
                 datalist=str(data / "dl.json"),
                 dataset_dir=str(data),
                 output_dir=str(out),
-                val_roi_size=[40, 48, 40],
+                val_max_window_voxels=40 * 48 * 40,
             )
             runs[(method, unit)] = out
     return runs
@@ -198,6 +198,7 @@ def test_rem_sr_inference_output_is_in_the_input_units(tmp_path):
             datalist=str(data / "dl.json"),
             dataset_dir=str(data),
             output_dir=str(tmp_path / f"out_{unit}"),
+            precision="fp32",  # the units, not bfloat16 rounding, are under test
         )
         out[unit] = _read(tmp_path / f"out_{unit}", "*_sr.nii.gz")
     base = out["x1"]
@@ -227,6 +228,7 @@ def test_refdrn_inference_ddf_does_not_depend_on_the_intensity_units(tmp_path):
             datalist=str(data / "dl.json"),
             dataset_dir=str(data),
             output_dir=str(tmp_path / f"out_{unit}"),
+            precision="fp32",  # the units, not bfloat16 rounding, are under test
         )
         folder = tmp_path / f"out_{unit}"
         results[unit] = {key: _read(folder, f"*_{key}.nii.gz") for key in ("ddf", "sr_moving", "sr_fixed", "warped")}
@@ -267,7 +269,7 @@ def test_refdrn_evaluate_dice_does_not_depend_on_the_intensity_units(tmp_path):
             datalist=str(data / "dl.json"),
             dataset_dir=str(data),
             output_dir=str(tmp_path / f"eval_{unit}"),
-            sr_roi_size=[32, 32, 32],
+            sr_max_window_voxels=32**3,
         )
         metrics[unit] = _metrics(tmp_path / f"eval_{unit}")
     for unit in ("x110", "zscored"):

@@ -226,13 +226,19 @@ def peer_python(method: str) -> tuple[str | None, str]:
     return None, f"{PEERS_PYTHON} is absent (run `make peers-venv`)"
 
 
-def run_bundle_method(bundle: str, item: dict, work: Path, threads: int) -> tuple[Path, dict]:
+def run_bundle_method(
+    bundle: str, item: dict, work: Path, threads: int, bundles_dir: Path | None = None
+) -> tuple[Path, dict]:
     """The bundle's inference.json on one pair; returns its ITK-convention field and the measurements.
+
+    ``seconds`` is the network's time when the bundle prints it (``<case>: T s (network N s)``), else the case's;
+    ``case_seconds`` the whole case (network, warping, writing); ``process_seconds`` the whole process.
+    `bundles_dir` holds the bundles (default: this checkout's; a baseline release's for the before/after rows).
 
     Raises:
         RuntimeError: the run failed (its last output lines in the message) or wrote no field.
     """
-    bundle_root = ROOT / "bundles" / bundle
+    bundle_root = (bundles_dir or ROOT / "bundles") / bundle
     out = work / "out"
     overrides = {"moving_image": item["moving_image"], "fixed_image": item["fixed_image"]}
     cmd = bundle_run_command(str(bundle_root / "configs" / "inference.json"), bundle_root, out, overrides)
@@ -242,9 +248,11 @@ def run_bundle_method(bundle: str, item: dict, work: Path, threads: int) -> tupl
     fields = sorted(out.rglob("*_ddf_itk.nii.gz"))
     if len(fields) != 1:
         raise RuntimeError(f"{bundle} wrote {len(fields)} ITK-convention fields in {out}, expected 1")
-    times = [float(t) for t in re.findall(r"^\S+: ([0-9.]+) s$", m.stdout, flags=re.M)]
-    seconds = times[-1] if times else m.seconds
-    return fields[0], {"seconds": seconds, "process_seconds": m.seconds, "peak_rss_gb": m.peak_rss_gb}
+    times = re.findall(r"^\S+: ([0-9.]+) s(?: \(network ([0-9.]+) s\))?$", m.stdout, flags=re.M)
+    case = float(times[-1][0]) if times else m.seconds
+    network = float(times[-1][1]) if times and times[-1][1] else case
+    measured = {"seconds": network, "case_seconds": case, "process_seconds": m.seconds, "peak_rss_gb": m.peak_rss_gb}
+    return fields[0], measured
 
 
 def run_peer_method(method: str, item: dict, work: Path, threads: int) -> tuple[Path, dict]:
@@ -263,6 +271,38 @@ def run_peer_method(method: str, item: dict, work: Path, threads: int) -> tuple[
         raise RuntimeError(f"{method} failed with exit code {m.returncode}:\n{m.tail()}")
     seconds = json.loads(m.stdout.strip().splitlines()[-1])["seconds"]
     return field, {"seconds": seconds, "process_seconds": m.seconds, "peak_rss_gb": m.peak_rss_gb}
+
+
+# ------------------------------------------------------------------------------------------------ baseline
+def export_bundles(revision: str, folder: Path) -> Path:
+    """The ``bundles/`` folder of git `revision` of this repository, written under `folder`; returns its path.
+
+    The before/after rows (``--baseline``) run the previous release exactly as it was, with its own code and weights.
+
+    Raises:
+        SystemExit: `revision` is not a commit of this repository (or git is missing).
+    """
+    import subprocess
+    import tarfile
+
+    try:
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", "--format=tar", revision, "bundles"],
+            capture_output=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        message = getattr(exc, "stderr", b"") or str(exc).encode()
+        raise SystemExit(f"error: --baseline {revision}: {message.decode(errors='replace').strip()}") from None
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    return folder / "bundles"
+
+
+def split_method(method: str) -> tuple[str, str | None]:
+    """``"refdrn@ce82f87"`` -> ``("refdrn", "ce82f87")``; a method without ``@`` has no revision."""
+    name, _, revision = method.partition("@")
+    return name, revision or None
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -338,6 +378,27 @@ def summary_markdown(
     return "\n".join(lines) + "\n"
 
 
+def before_after(summary: dict, methods: list[str], quality: tuple[str, ...], time_key: str) -> str:
+    """One line per baseline method (``<method>@<rev>``): its `time_key`, peak RSS and `quality` metrics against
+    this checkout's ``<method>``, as a markdown list."""
+    lines = []
+    for method in methods:
+        name, revision = split_method(method)
+        if revision is None or name not in summary or method not in summary:
+            continue
+        now, then = summary[name], summary[method]
+        parts = []
+        if then[time_key][0] > 0 and now[time_key][0] > 0:
+            parts.append(
+                f"time {then[time_key][0]:.1f} → {now[time_key][0]:.1f} s "
+                f"({then[time_key][0] / now[time_key][0]:.1f}× faster)"
+            )
+        parts.append(f"peak RSS {then['peak_rss_gb'][0]:.2f} → {now['peak_rss_gb'][0]:.2f} GB")
+        parts += [f"{q} {then[q][0]:.4f} → {now[q][0]:.4f}" for q in quality if q in now and q in then]
+        lines.append(f"- {name}, before ({revision}) → after: " + "; ".join(parts) + ".")
+    return ("\n" + "\n".join(lines) + "\n") if lines else ""
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     """`rows` as a CSV (the union of their keys as columns), written atomically."""
     keys: list[str] = []
@@ -409,7 +470,9 @@ def benchmark_registration(args, bundle: str, out_dir: Path) -> tuple[list[dict]
     keys = ("moving_image", "fixed_image", "moving_label", "fixed_label")
     pairs = load_pairs(args.datalist, args.dataset_dir, args.section, keys)[: args.max_pairs]
     methods = list(args.methods or DEFAULTS[bundle]["methods"])
-    unknown = [m for m in methods if m not in ("identity", *REGISTRATION_BUNDLES, *PEERS)]
+    if args.baseline and bundle in methods:
+        methods.insert(methods.index(bundle) + 1, f"{bundle}@{args.baseline}")
+    unknown = [m for m in methods if split_method(m)[0] not in ("identity", *REGISTRATION_BUNDLES, *PEERS)]
     if unknown:
         raise SystemExit(f"error: unknown method(s) {unknown}; choose from identity, {REGISTRATION_BUNDLES}, {PEERS}")
     for method in [m for m in methods if m in PEERS]:
@@ -431,10 +494,14 @@ def benchmark_registration(args, bundle: str, out_dir: Path) -> tuple[list[dict]
                 if method == "identity":
                     ddf, measured = np.zeros((3, *shape), np.float32), {}
                 else:
-                    bundle_method = method in REGISTRATION_BUNDLES
-                    runner = run_bundle_method if bundle_method else run_peer_method
+                    name, revision = split_method(method)
                     try:
-                        field, measured = runner(method, pair if bundle_method else peer_pair, Path(tmp), args.threads)
+                        if name in REGISTRATION_BUNDLES:
+                            field, measured = run_bundle_method(
+                                name, pair, Path(tmp), args.threads, args.baseline_bundles if revision else None
+                            )
+                        else:
+                            field, measured = run_peer_method(method, peer_pair, Path(tmp), args.threads)
                     except RuntimeError as exc:
                         raise SystemExit(f"error: {pair['name']}: {exc}") from None
                     ddf = itk_field_to_ddf(nib.load(str(field)), affine, shape)
@@ -459,15 +526,20 @@ def benchmark_registration(args, bundle: str, out_dir: Path) -> tuple[list[dict]
         ("folding", "folding (%)", 3),
         ("sdlogj", "SDlogJ", 3),
         ("seconds", "time (s)", 1),
+        ("case_seconds", "case (s)", 1),
         ("process_seconds", "process (s)", 1),
         ("peak_rss_gb", "peak RSS (GB)", 2),
     ]
     summary = summarise(rows, methods, [c[0] for c in columns], REFERENCE["registration"])
     header = (
         f"{len(pairs)} pair(s) of `{args.datalist_text}`, {args.threads} thread(s) per method, CPU; mean ± std over "
-        f"the pairs; produced by `{args.command}`."
+        "the pairs; time: the registration (the bundles' network forward pass, as they print it; elastix and ANTs: "
+        "registration and field; reading and writing files excluded), the base of the time ratios; case: the "
+        "bundle's whole case (network, warping, writing its files); process: the whole process (start-up included); "
+        f"produced by `{args.command}`."
     )
     table = summary_markdown(summary, methods, columns, REFERENCE["registration"], header)
+    table += before_after(summary, methods, ("dice", "folding", "sdlogj"), "case_seconds")
     plot(rows, methods, "dice", "mean Dice", f"{bundle} benchmark: {len(pairs)} pair(s)", out_dir / "benchmark.png")
     return rows, methods, table
 
@@ -476,14 +548,17 @@ def benchmark_sr(args, out_dir: Path) -> tuple[list[dict], list[str], str]:
     """rem_sr's evaluate.json once per method, each in its own measured process; rows, methods, markdown."""
     from tools.compare_methods import config_files, read_metrics
 
-    bundle_root = ROOT / "bundles" / "rem_sr"
     methods = list(args.methods or DEFAULTS["rem_sr"]["methods"])
+    if args.baseline and "rem" in methods:
+        methods.insert(methods.index("rem") + 1, f"rem@{args.baseline}")
     rows = []
     print(f"rem_sr x{args.scale:g} on the test section of {args.datalist}, methods {methods}, {args.threads} thread(s)")
     for method in methods:
+        name, revision = split_method(method)
+        bundle_root = (args.baseline_bundles if revision else ROOT / "bundles") / "rem_sr"
         run_dir = out_dir / "runs" / method
         scale = int(args.scale) if float(args.scale).is_integer() else args.scale
-        overrides = {"method": method, "eval_scale": scale, "dataset_dir": str(args.dataset_dir)}
+        overrides = {"method": name, "eval_scale": scale, "dataset_dir": str(args.dataset_dir)}
         overrides["datalist"] = str(args.datalist)
         cmd = bundle_run_command(config_files(bundle_root), bundle_root, run_dir, overrides)
         m = run_measured(cmd, env=thread_env(args.threads))
@@ -509,6 +584,7 @@ def benchmark_sr(args, out_dir: Path) -> tuple[list[dict], list[str], str]:
         f"`{args.command}`."
     )
     table = summary_markdown(summary, methods, columns, REFERENCE["sr"], header, time_key="process_seconds")
+    table += before_after(summary, methods, ("psnr_brain", "ssim_brain", "psnr"), "seconds")
     quality = "psnr_brain" if "psnr_brain" in metric_names else metric_names[0]
     plot(rows, methods, quality, f"{quality} (dB)", f"rem_sr ×{args.scale:g}", out_dir / "benchmark.png")
     return rows, methods, table
@@ -548,6 +624,11 @@ def main(argv: list[str] | None = None) -> int:
         "register on the upsampled grid) or the image files as given",
     )
     parser.add_argument("--scale", type=float, default=4, help="rem_sr: the SR factor (default 4)")
+    parser.add_argument(
+        "--baseline",
+        help="a git revision of this repository (the previous release): its bundle, with its own code and weights, "
+        "runs as one more method (<bundle>@<revision>) and a before → after line follows the table",
+    )
     parser.add_argument("--output_dir", type=Path, help="default: outputs/benchmark/<bundle>")
     parser.add_argument(
         "--card", action="store_true", help="also paste the summary into the bundle's model card and the README"
@@ -561,6 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     args.dataset_dir = (args.dataset_dir or args.datalist.parent).resolve()
     out_dir = (args.output_dir or ROOT / "outputs" / "benchmark" / args.bundle).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    baseline_dir = tempfile.TemporaryDirectory(prefix="bench_baseline_")
+    args.baseline_bundles = export_bundles(args.baseline, Path(baseline_dir.name)) if args.baseline else None
     if args.bundle == "rem_sr":
         rows, methods, table = benchmark_sr(args, out_dir)
     else:

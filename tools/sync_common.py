@@ -26,6 +26,8 @@ COPIES: dict[str, tuple[str, tuple[str, ...]]] = {
     "scripts/intensity.py": ("rem_sr", ("refdrn",)),
     "scripts/itk_ddf.py": ("refdrn", ("f3rnet_ct_mri",)),
     "scripts/figures.py": ("rem_sr", ("refdrn", "f3rnet_ct_mri")),
+    "scripts/fast_inference.py": ("rem_sr", ("refdrn", "f3rnet_ct_mri")),
+    "scripts/instance_optimisation.py": ("refdrn", ("f3rnet_ct_mri",)),
 }
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from monai.data import MetaTensor
+from monai.inferers import SimpleInferer
 from scipy.ndimage import binary_erosion
 from scipy.spatial.distance import cdist
 
@@ -109,7 +110,11 @@ def test_evaluate_step_warms_up_once_then_times_every_forward(warmup):
     net = _Counting()
     events = []
     engine = SimpleNamespace(
-        state=SimpleNamespace(device=torch.device("cpu"), output=None), network=net, amp=False, fire_event=events.append
+        state=SimpleNamespace(device=torch.device("cpu"), output=None),
+        network=net,
+        inferer=SimpleInferer(),
+        amp=False,
+        fire_event=events.append,
     )
     affine = torch.diag(torch.tensor(SPACING + (1.0,)))
     fixed = MetaTensor(torch.rand(1, 1, 16, 16, 16), affine=affine[None])

@@ -26,7 +26,7 @@ TINY_TRAIN = {
     "max_iterations": 4,
     "val_interval": 2,
     "train_roi_size": [24, 24, 24],
-    "sr_roi_size": [48, 48, 48],
+    "sr_max_window_voxels": 48**3,
     "lncc_kernel_size": 5,
 }
 

@@ -24,7 +24,7 @@ TINY_TRAIN = {
     "batch_size": 2,
     "max_iterations": 4,
     "val_interval": 2,
-    "val_roi_size": [24, 24, 24],
+    "val_max_window_voxels": 24**3,
     "num_workers": 0,
     "rem_k": 4,
     "rem_n": 2,
@@ -145,7 +145,7 @@ def evaluate_overrides(brain_data, output_dir, **extra) -> dict:
         "dataset_dir": str(brain_data),
         "datalist": str(brain_data / "datalist.json"),
         "output_dir": str(output_dir),
-        "val_roi_size": [24, 24, 24],
+        "val_max_window_voxels": 24**3,
         **extra,
     }
 

@@ -91,7 +91,7 @@ def _tiny_train(brain_data, tmp_path, check=True, **overrides):
             "batch_size": 1,
             "max_iterations": 1,
             "val_interval": 1,
-            "val_roi_size": [24, 24, 24],
+            "val_max_window_voxels": 24**3,
             "num_workers": 0,
             "rem_k": 4,
             "rem_n": 2,

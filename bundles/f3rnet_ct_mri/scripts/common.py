@@ -17,6 +17,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import nibabel as nib
@@ -849,6 +850,30 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+_WRITE_POOL: list[ThreadPoolExecutor] = []  # created on first use, one thread per intra-op thread (at most 4)
+_PENDING: list[Future] = []
+
+
+def write_in_background(write: Callable, *args, **kwargs) -> Future:
+    """Run ``write(*args, **kwargs)`` in a pool of writer threads (gzip compression releases the GIL, so the
+    outputs of a case are compressed side by side); `wait_for_writes` waits for them and raises the first error."""
+    if not _WRITE_POOL:
+        _WRITE_POOL.append(ThreadPoolExecutor(max(1, min(4, torch.get_num_threads())), "bundle-writer"))
+    future = _WRITE_POOL[0].submit(write, *args, **kwargs)
+    _PENDING.append(future)
+    return future
+
+
+def wait_for_writes() -> None:
+    """Wait for every `write_in_background` write; re-raise the first error (after all have finished, so no
+    temporary file is left behind)."""
+    pending, _PENDING[:] = list(_PENDING), []
+    errors = [f.exception() for f in pending]
+    for error in errors:
+        if error is not None:
+            raise error
+
+
 class AtomicNibabelWriter(NibabelWriter):
     """MONAI's ``NibabelWriter`` that writes under a temporary name and renames into place.
 
@@ -872,17 +897,33 @@ class AtomicNibabelWriter(NibabelWriter):
             print(f"wrote {final}")
 
 
+class BackgroundNibabelWriter(AtomicNibabelWriter):
+    """`AtomicNibabelWriter` that compresses and writes in a writer thread (`write_in_background`), so that the
+    files of a case are written side by side. `OutputPathsHandler` waits for them at the end of each iteration
+    (before it prints the paths), and raises a write error there; outside an evaluator call `wait_for_writes`.
+
+    Use it as ``SaveImaged(..., writer="scripts.common.BackgroundNibabelWriter")``.
+    """
+
+    def write(self, filename, verbose: bool = False, **obj_kwargs):
+        """Queue the atomic write of the image set by ``set_data_array``/``set_metadata`` to `filename`."""
+        write_in_background(super().write, filename, verbose, **obj_kwargs)
+
+
 class OutputPathsHandler:
     """Print where the outputs of every case went, and how long the case took.
 
     After each iteration, on stdout, one line per case, ``<case>: <file>, <file>, ...`` (absolute paths, in the
     order they were written), then ``<case>: <seconds> s`` (wall time of the iteration from its start: the network,
-    the postprocessing and the writing; not the loading, which MONAI does before the iteration starts).
+    the postprocessing and the writing; not the loading, which MONAI does before the iteration starts), followed by
+    `` (network <seconds> s)`` when the evaluator's inferer records its last call (``last_seconds``, as
+    ``scripts.fast_inference.InferenceModeInferer`` does).
 
     It reports the files that :class:`AtomicNibabelWriter` (every ``SaveImaged`` of the configs uses it) and
     `atomic_write_bytes` wrote during the iteration, grouped by their folder: the configs write
     ``output_dir/<case>/<case>_<postfix>.nii.gz`` (``separate_folder``), so the folder is the case name. Add it to an
-    evaluator's ``val_handlers``; MONAI attaches it after the postprocessing, so the files of the iteration exist when
+    evaluator's ``val_handlers``; MONAI attaches it after the postprocessing, and it first waits for the writes that
+    :class:`BackgroundNibabelWriter` queued (raising a write error there), so the files of the iteration exist when
     it prints.
     """
 
@@ -894,18 +935,26 @@ class OutputPathsHandler:
         from ignite.engine import Events
 
         engine.add_event_handler(Events.ITERATION_STARTED, self._start)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda _: self.print_cases())
+        engine.add_event_handler(
+            Events.ITERATION_COMPLETED,
+            lambda e: self.print_cases(getattr(getattr(e, "inferer", None), "last_seconds", None)),
+        )
 
     def _start(self, _engine=None) -> None:
         _WRITTEN.clear()
         self._started = time.perf_counter()
 
-    def print_cases(self) -> dict[str, list[str]]:
+    def print_cases(self, network_seconds: float | None = None) -> dict[str, list[str]]:
         """Print the files written since the last call, one line per case folder, and the time; forget them.
+
+        Args:
+            network_seconds: the network's share of the time (the inferer's ``last_seconds``), printed as
+                ``<case>: <seconds> s (network <seconds> s)`` when given.
 
         Returns:
             ``{case: [file, ...]}`` as printed.
         """
+        wait_for_writes()
         seconds = time.perf_counter() - self._started
         cases: dict[str, list[str]] = {}
         for path in _WRITTEN:
@@ -913,7 +962,8 @@ class OutputPathsHandler:
         _WRITTEN.clear()
         for case, files in cases.items():
             print(f"{case}: {', '.join(files)}", flush=True)
-            print(f"{case}: {seconds:.2f} s", flush=True)
+            network = f" (network {network_seconds:.2f} s)" if network_seconds is not None else ""
+            print(f"{case}: {seconds:.2f} s{network}", flush=True)
         return cases
 
 

@@ -119,7 +119,9 @@ class F3RNetInferStep:
     """
     Inference iteration, as the ``iteration_update`` of MONAI's ``SupervisedEvaluator``: the network runs once on
     the stacked pair ``image`` (moving, fixed) and returns the DDF as ``pred``, a MetaTensor with the input's
-    (batched) metadata, so the outputs keep the input affine. With ``amp`` on CUDA the network runs under autocast.
+    (batched) metadata, so the outputs keep the input affine. The network runs through the evaluator's ``inferer``
+    (inference.json: ``scripts.fast_inference.InferenceModeInferer``: inference mode and, on a CPU with native
+    bfloat16, bf16 autocast); with ``amp`` on CUDA under float16 autocast.
     """
 
     @torch.no_grad()
@@ -141,8 +143,10 @@ class F3RNetInferStep:
         image = batch["image"]
         device = engine.state.device
         engine.network.eval()
+        pair = torch.as_tensor(image).as_subclass(torch.Tensor).float().to(device)
         with torch.autocast(device_type=device.type, enabled=_amp(engine, device)):
-            ddf = unwrap(engine.network)(torch.as_tensor(image).as_subclass(torch.Tensor).float().to(device))
+            # through the evaluator's inferer (inference.json: inference mode, bf16 on the CPU, see `precision`)
+            ddf = engine.inferer(pair, unwrap(engine.network))
         # on the CPU: postprocessing warps the raw moving image (a CPU tensor) and writes NIfTI files
         pred = MetaTensor(ddf.float().cpu(), meta=image.meta, applied_operations=[])
         pred.is_batch = True

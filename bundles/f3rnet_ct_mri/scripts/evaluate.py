@@ -158,12 +158,13 @@ class F3RNetEvaluateStep:
         network.eval()
         amp = bool(getattr(engine, "amp", False)) and device.type == "cuda"
         with torch.autocast(device_type=device.type, enabled=amp):
+            # through the evaluator's inferer, as inference.json (inference mode, bf16 on the CPU: `precision`)
             if self.warmup and not self._warmed_up:
-                network(pair)
+                engine.inferer(pair, network)
                 self._warmed_up = True
             _sync(device)
             start = time.perf_counter()
-            ddf = network(pair)
+            ddf = engine.inferer(pair, network)
             _sync(device)
             seconds = (time.perf_counter() - start) / pair.shape[0]
         pred = MetaTensor(ddf.float().cpu(), meta=getattr(fixed, "meta", {}), applied_operations=[])

@@ -98,6 +98,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import count_parameters  # noqa: F401  (re-exported: parameter counts in docs and tests)
+from .fast_inference import float32_conv
 
 F3D_VARIANTS = ("none", "all", "encoder", "decoder", "fr", "ms", "all_more_mrb")
 
@@ -127,7 +128,8 @@ NEGATIVE_SLOPE = 0.2
 
 
 def _act() -> nn.Module:
-    return nn.LeakyReLU(NEGATIVE_SLOPE)
+    # in place, always on a convolution's fresh output: one feature map less per layer, the same numbers
+    return nn.LeakyReLU(NEGATIVE_SLOPE, inplace=True)
 
 
 class ConvAct(nn.Sequential):
@@ -382,7 +384,9 @@ class F3RNet(nn.Module):
             skip = skips.pop()
             h = F.interpolate(h, size=skip.shape[2:], mode="trilinear", align_corners=False) + skip
             l, h = mrb(l, h)  # noqa: E741
-        ddf = self.flow(self.tail(self.fr_post(l)))
+        features = self.tail(self.fr_post(l))
+        # the DDF head in float32 under autocast (eager; TorchScript runs the plain convolution)
+        ddf = self.flow(features) if torch.jit.is_scripting() else float32_conv(self.flow, features)
         return ddf[:, :, : shape[0], : shape[1], : shape[2]]
 
 

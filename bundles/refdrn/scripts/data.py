@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.inferers import SlidingWindowInferer
 from monai.transforms import MapTransform
+
+from .fast_inference import HaloSlidingWindowInferer
 
 
 def degrade(volume: torch.Tensor, scale: float) -> torch.Tensor:
@@ -88,14 +89,16 @@ class EnhancePaird(MapTransform):
     Placed before the random crop in training so `CacheDataset` runs REM once per volume rather than
     once per step; REM is frozen, so this is exactly the cascade's first stage (``y = REM(x)`` of Eq. (2) in
     Sun & Simon, "A Resolution Enhancement Plug-in for Deformable Registration of Medical Images", Section III-B).
-    REM runs with MONAI's ``SlidingWindowInferer`` (Gaussian blending, overlap 0.25) on REM's device, under
-    ``torch.no_grad``; volumes are cached by file name, so an image shared by several pairs is enhanced once.
+    REM runs window by window on REM's device, under ``torch.no_grad``, with
+    ``scripts.fast_inference.HaloSlidingWindowInferer`` (MONAI ``sliding_window_inference``; the full-volume result,
+    as the cascade computes at inference); volumes are cached by file name, so an image shared by several pairs is
+    enhanced once.
 
     Args:
         keys: the key(s) of the trilinear-upsampled LR volumes [1, D, H, W].
         out_keys: the output key for each of ``keys``, in the same order.
         rem: the frozen REM (``scripts.rem_loader.load_rem``), or ``None`` for the identity.
-        roi_size: the sliding-window size in voxels.
+        max_window_voxels: the largest window, in voxels (bounds the memory).
         allow_missing_keys: don't raise an exception when a key is missing.
     """
 
@@ -104,13 +107,13 @@ class EnhancePaird(MapTransform):
         keys: KeysCollection,
         out_keys: Sequence[str],
         rem: torch.nn.Module | None,
-        roi_size: Sequence[int] = (96, 96, 96),
+        max_window_voxels: int = 2**21,
         allow_missing_keys: bool = False,
     ):
         super().__init__(keys, allow_missing_keys)
         self.out_keys = list(out_keys)
         self.rem = rem
-        self.inferer = SlidingWindowInferer(roi_size=roi_size, sw_batch_size=1, overlap=0.25, mode="gaussian")
+        self.inferer = HaloSlidingWindowInferer(max_window_voxels=max_window_voxels)
         self._cache: dict[str, torch.Tensor] = {}  # volumes shared by several pairs are enhanced once
 
     @torch.no_grad()

@@ -143,8 +143,10 @@ class RegistrationInferStep:
     """
     Inference iteration, as the ``iteration_update`` of MONAI's ``SupervisedEvaluator``: the cascade runs once on
     the stacked LR pair ``image`` and returns the DDF as ``pred`` plus both SR images, so postprocessing can save
-    them without running REM again. With the evaluator's ``amp`` on a CUDA device the cascade runs under
-    ``torch.autocast`` (outputs are cast back to float32).
+    them without running REM again. The cascade runs through the evaluator's ``inferer`` (inference.json:
+    ``scripts.fast_inference.InferenceModeInferer``, i.e. inference mode and, on a CPU with native bfloat16, bf16
+    autocast). With the evaluator's ``amp`` on a CUDA device it runs under ``torch.autocast`` (float16). Outputs
+    are cast back to float32.
     """
 
     @torch.no_grad()
@@ -167,8 +169,10 @@ class RegistrationInferStep:
         image = batch["image"]
         device = engine.state.device
         engine.network.eval()
+        pair = torch.as_tensor(image).as_subclass(torch.Tensor).to(device)
         with torch.autocast(device_type=_device_type(device), enabled=_amp(engine, device)):
-            out = unwrap(engine.network)(torch.as_tensor(image).as_subclass(torch.Tensor).to(device), return_dict=True)
+            # through the evaluator's inferer (inference.json: inference mode, bf16 on the CPU, see `precision`)
+            out = engine.inferer(pair, unwrap(engine.network), return_dict=True)
         out = {k: v.float() for k, v in out.items()}
 
         def with_input_meta(x: torch.Tensor) -> MetaTensor:

@@ -78,6 +78,7 @@ def method_network(
     rem: nn.Module | None = None,
     fdrn_channels: Sequence[int] = (16, 32, 32, 32, 32),
     fdrn_num_res: int = 2,
+    rem_inferer=None,
 ) -> RegistrationCascade:
     """The network of one evaluated method (the ``network_def`` of evaluate.json).
 
@@ -87,6 +88,8 @@ def method_network(
         rem: the frozen REM, or None (the backbone on trilinear-upsampled input).
         fdrn_channels: FDRN widths per level; ignored for the other backbones.
         fdrn_num_res: FDRN residual units per stage; ignored for the other backbones.
+        rem_inferer: runs REM at inference (``scripts.fast_inference.HaloSlidingWindowInferer``: window by window,
+            the full-volume result); ``None``: REM on the whole volume.
 
     Returns:
         a ``RegistrationCascade``: ``forward`` maps the LR pair ``[B, 2, D, H, W]`` to a DDF ``[B, 3, D, H, W]``
@@ -98,7 +101,9 @@ def method_network(
     """
     if str(backbone).lower() == "zero":
         return RegistrationCascade(ZeroDDF(), None)
-    return build_registration_network(backbone, rem, fdrn_channels=fdrn_channels, fdrn_num_res=fdrn_num_res)
+    return build_registration_network(
+        backbone, rem, fdrn_channels=fdrn_channels, fdrn_num_res=fdrn_num_res, rem_inferer=rem_inferer
+    )
 
 
 def check_method(method: str, methods: Mapping) -> str:
@@ -174,7 +179,8 @@ class RegistrationEvaluateStep:
         _sync(device)
         start = time.perf_counter()
         with torch.autocast(device.type, enabled=bool(getattr(engine, "amp", False))):
-            out = network(pair, return_dict=True)
+            # through the evaluator's inferer, as inference.json (inference mode, bf16 on the CPU: `precision`)
+            out = engine.inferer(pair, network, return_dict=True)
         _sync(device)
         seconds = time.perf_counter() - start
 

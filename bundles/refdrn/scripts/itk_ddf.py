@@ -31,7 +31,7 @@ from monai.data import FolderLayout, MetaTensor
 from monai.data.folder_layout import default_name_formatter
 from monai.transforms import MapTransform
 
-from .common import atomic_write_bytes
+from .common import atomic_write_bytes, write_in_background
 
 __all__ = ["SaveITKDDFd", "itk_ddf_image", "monai_to_itk_ddf"]
 
@@ -50,12 +50,13 @@ def monai_to_itk_ddf(ddf, affine) -> np.ndarray:
         affine: that grid's voxel-to-world affine ``[4, 4]`` (RAS mm, nibabel's convention).
 
     Returns:
-        float64 ``[X, Y, Z, 3]``: ``d(x)`` in mm, LPS, at the world point ``x = affine @ i`` of each voxel ``i``.
+        float32 ``[X, Y, Z, 3]`` in Fortran order (NIfTI's: x fastest, then y, z, the component): ``d(x)`` in mm,
+        LPS, at the world point ``x = affine @ i`` of each voxel ``i``.
 
     Raises:
         ValueError: `ddf` is not ``[3, X, Y, Z]`` or `affine` not ``[4, 4]``.
     """
-    u = _numpy(ddf)
+    u = np.asarray(torch.as_tensor(ddf).as_subclass(torch.Tensor).detach().float().cpu())
     a = _numpy(affine)
     if a.ndim == 3 and a.shape[0] == 1:
         a = a[0]
@@ -63,8 +64,15 @@ def monai_to_itk_ddf(ddf, affine) -> np.ndarray:
         raise ValueError(f"a 3D DDF needs shape [3, X, Y, Z], got {tuple(u.shape)}")
     if a.shape != (4, 4):
         raise ValueError(f"the affine must be [4, 4], got {tuple(a.shape)}")
-    ras = np.einsum("ij,j...->...i", a[:3, :3], u)
-    return ras * RAS_TO_LPS
+    # one component at a time in float32, written straight into NIfTI's order (no float64 or [..., 3] copies)
+    rotation = (a[:3, :3] * RAS_TO_LPS[:, None]).astype(np.float32)
+    out = np.empty((*u.shape[1:], 3), dtype=np.float32, order="F")
+    for k in range(3):
+        component = rotation[k, 0] * u[0]
+        for j in (1, 2):
+            component += rotation[k, j] * u[j]
+        out[..., k] = component
+    return out
 
 
 def itk_ddf_image(ddf, affine) -> nib.Nifti1Image:
@@ -83,13 +91,18 @@ def itk_ddf_image(ddf, affine) -> nib.Nifti1Image:
     """
     a = _numpy(affine)
     a = a[0] if a.ndim == 3 else a
-    vectors = monai_to_itk_ddf(ddf, a).astype(np.float32)[:, :, :, None, :]
+    vectors = monai_to_itk_ddf(ddf, a)[:, :, :, None, :]  # float32, Fortran order: written without a copy
     img = nib.Nifti1Image(vectors, a)
     img.header.set_intent("vector")
     img.header.set_xyzt_units("mm")
     img.set_sform(a, code=1)
     img.set_qform(a, code=1)
     return img
+
+
+def _write_gzip(path: str, img: nib.Nifti1Image) -> None:
+    # level 1, as nibabel writes the other outputs: a float field barely compresses further, at 3x the time
+    atomic_write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=1))
 
 
 class SaveITKDDFd(MapTransform):
@@ -103,6 +116,8 @@ class SaveITKDDFd(MapTransform):
         output_dir: the output folder.
         output_postfix: the file name's postfix.
         separate_folder: one folder per case, as ``SaveImaged(separate_folder=True)``.
+        background: compress and write in a writer thread (`scripts.common.write_in_background`; the bundle's
+            ``OutputPathsHandler`` waits for it at the end of the iteration).
         allow_missing_keys: don't raise an exception when a key is missing.
     """
 
@@ -112,9 +127,11 @@ class SaveITKDDFd(MapTransform):
         output_dir: str,
         output_postfix: str = "ddf_itk",
         separate_folder: bool = True,
+        background: bool = False,
         allow_missing_keys: bool = False,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
+        self.background = background
         self.layout = FolderLayout(
             str(output_dir), postfix=output_postfix, extension=".nii.gz", parent=separate_folder, makedirs=False
         )
@@ -138,5 +155,8 @@ class SaveITKDDFd(MapTransform):
                 raise ValueError(f"{key}: the ITK DDF needs the DDF's affine, got a plain {type(ddf).__name__}")
             path = self.layout.filename(**default_name_formatter(ddf.meta, self))
             img = itk_ddf_image(ddf, ddf.affine)
-            atomic_write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=6))
+            if self.background:
+                write_in_background(_write_gzip, path, img)
+            else:
+                _write_gzip(path, img)
         return d

@@ -78,6 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import count_parameters  # noqa: F401  (re-exported: parameter counts in docs and tests)
+from .fast_inference import exporting, float32_conv
 
 __all__ = [
     "FDRN",
@@ -145,7 +146,7 @@ class ResidualConv(nn.Module):
     def __init__(self, channels: int, negative_slope: float = 0.2) -> None:
         super().__init__()
         self.conv = nn.Conv3d(channels, channels, kernel_size=3, padding=1)
-        self.act = nn.LeakyReLU(negative_slope)
+        self.act = nn.LeakyReLU(negative_slope, inplace=True)  # on the conv's fresh output: no extra feature map
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """
@@ -159,7 +160,8 @@ class ResidualConv(nn.Module):
 
 
 def _conv_act(cin: int, cout: int, negative_slope: float, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv3d(cin, cout, kernel_size=3, stride=stride, padding=1), nn.LeakyReLU(negative_slope))
+    conv = nn.Conv3d(cin, cout, kernel_size=3, stride=stride, padding=1)
+    return nn.Sequential(conv, nn.LeakyReLU(negative_slope, inplace=True))
 
 
 class FDRN(nn.Module):
@@ -243,6 +245,9 @@ class FDRN(nn.Module):
         _init_flow_conv(self.flow, init_std)
         _init_flow_conv(self.aux_head, init_std)
 
+    #: inference (no gradients) computes the full-resolution decoder stage this many slices at a time
+    inference_slab = 40
+
     @property
     def size_multiple(self) -> int:
         """
@@ -278,16 +283,68 @@ class FDRN(nn.Module):
         for down, res in zip(self.down, self.enc_res):
             h = res(down(h))
             skips.append(h)
-        aux = self.aux_head(h) if want_aux else None
-        for i, (up, refine) in enumerate(zip(self.up, self.dec_res)):
-            skip = skips[self.levels - 1 - i]
+        aux: torch.Tensor | None = None
+        if want_aux:
+            aux = self.aux_head(h) if torch.jit.is_scripting() else float32_conv(self.aux_head, h)
+        skips.pop()  # the bottom map is h itself
+        # inference (eager): the full-resolution stage slab by slab; training, TorchScript and export: whole
+        if torch.jit.is_scripting():
+            slabs = False
+        else:
+            slabs = not torch.is_grad_enabled() and not exporting() and x.shape[2] > self.inference_slab
+        stages = self.levels - 1 if slabs else self.levels
+        for up, refine in zip(self.up[:stages], self.dec_res[:stages]):
+            skip = skips.pop()  # the encoder map of this level, released after the addition (memory)
             h = F.interpolate(h, size=skip.shape[2:], mode="trilinear", align_corners=False)
-            h = refine(up(h) + skip)
-        ddf = _crop(self.flow(h), spatial)
+            h = up(h)  # one statement per step: each full-resolution map is freed as soon as it is used
+            # without gradients the additive skip goes in place (with them, LeakyReLU's backward needs its output)
+            h = h.add_(skip) if not torch.is_grad_enabled() else h + skip
+            h = refine(h)
+        if torch.jit.is_scripting():
+            ddf = self.flow(h)
+        elif slabs:
+            ddf = self._full_resolution_in_slabs(h, skips.pop())
+        else:
+            ddf = float32_conv(self.flow, h)
+        ddf = _crop(ddf, spatial)
         if not want_aux:
             return ddf
         coarse = [-(-s // self.size_multiple) for s in spatial]  # ceil: coarse cells touching real voxels
         return ddf, _crop(aux, coarse)
+
+    def _full_resolution_in_slabs(self, h: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        """The last decoder stage and the DDF head, `inference_slab` slices along D at a time (inference only).
+
+        The same computation as the loop in :meth:`forward` (2x trilinear upsampling, ``up`` conv, additive skip,
+        ``refine`` conv, DDF conv), but no full-resolution map of the decoder is ever whole: each slab is computed
+        with a halo of 3 slices (one per 3x3x3 convolution) from the half-resolution rows its upsampling needs, and
+        cropped. The result equals the whole-volume one (to float rounding); the memory of the stage drops from
+        about ``(2 * c1 + 2 * c0) x voxels`` values to one slab's.
+
+        Args:
+            h: the half-resolution decoder features [B, c1, D / 2, H / 2, W / 2].
+            skip: the stem's features [B, c0, D, H, W] (the additive skip of level 0).
+
+        Returns:
+            the DDF [B, 3, D, H, W] in voxels, float32.
+        """
+        up, refine = self.up[-1], self.dec_res[-1]
+        depth, half, halo = skip.shape[2], h.shape[2], 3
+        parts = []
+        for start in range(0, depth, self.inference_slab):
+            stop = min(start + self.inference_slab, depth)
+            low, high = max(start - halo, 0), min(stop + halo, depth)
+            # half-resolution rows whose upsampling is exact on [low, high): one spare row on each side (the
+            # interpolation clamps at a slab's edge as it does at the volume's only there)
+            first, last = max((low - 1) // 2, 0), min((high + 2) // 2, half)
+            rows = F.interpolate(
+                h[:, :, first:last], size=(2 * (last - first), *skip.shape[3:]), mode="trilinear", align_corners=False
+            )[:, :, low - 2 * first : high - 2 * first]
+            y = up(rows)
+            del rows
+            y = refine(y.add_(skip[:, :, low:high]))
+            parts.append(float32_conv(self.flow, y)[:, :, start - low : stop - low])
+        return torch.cat(parts, dim=2)
 
 
 class PaddedBackbone(nn.Module):
@@ -372,6 +429,9 @@ class RegistrationCascade(nn.Module):
         rem: the (pretrained) resolution enhancement module mapping ``[N, 1, D, H, W]`` to the same shape, or
             ``None`` for the identity (the plain backbone on the trilinear-upsampled input, the paper's "↓↑"
             baseline). It is frozen and kept in eval mode, whatever ``train()`` says.
+        rem_inferer: a MONAI-style inferer ``(inputs, network) -> outputs`` that runs REM when gradients are off
+            (inference), e.g. ``scripts.fast_inference.HaloSlidingWindowInferer`` (window by window, the
+            full-volume result); ``None`` runs REM on the whole volume. With gradients on, REM always runs whole.
 
     REM is deliberately *not* a registered submodule: ``state_dict()``, ``parameters()`` and DDP see only the
     backbone, so checkpoints never copy the ``rem_sr`` weights (they are loaded from that bundle). ``.to()``
@@ -399,9 +459,10 @@ class RegistrationCascade(nn.Module):
         assert all(k.startswith("backbone.") for k in net.state_dict())  # REM's weights are not saved
     """
 
-    def __init__(self, backbone: nn.Module, rem: nn.Module | None = None) -> None:
+    def __init__(self, backbone: nn.Module, rem: nn.Module | None = None, rem_inferer=None) -> None:
         super().__init__()
         self.backbone = backbone
+        self.rem_inferer = rem_inferer
         self._rem = (rem,)  # a tuple hides the module from nn.Module's registry
         if rem is not None:
             rem.requires_grad_(False)
@@ -453,7 +514,12 @@ class RegistrationCascade(nn.Module):
         Returns:
             ``REM(x)``, same shape as ``x`` (``x`` itself when there is no REM).
         """
-        return x if self.rem is None else self.rem(x)
+        if self.rem is None:
+            return x
+        if self.rem_inferer is not None and not torch.is_grad_enabled() and not exporting():
+            # inference: window by window, memory bounded by the window (training keeps the graph whole)
+            return self.rem_inferer(x, self.rem)
+        return self.rem(x)
 
     def register(
         self,
@@ -525,6 +591,7 @@ def build_registration_network(
     fdrn_channels: Sequence[int] = (16, 32, 32, 32, 32),
     fdrn_num_res: int = 2,
     return_aux: bool = True,
+    rem_inferer=None,
 ) -> RegistrationCascade:
     """
     The bundle's ``network_def``: REM (or the identity) followed by FDRN or VoxelMorph VM-2.
@@ -538,6 +605,9 @@ def build_registration_network(
         fdrn_channels: FDRN widths per level (see :class:`FDRN`); ignored for VoxelMorph.
         fdrn_num_res: FDRN residual convs per stage; ignored for VoxelMorph.
         return_aux: FDRN also returns the auxiliary coarse DDF; ignored for VoxelMorph.
+        rem_inferer: runs REM when gradients are off (inference), e.g. ``scripts.fast_inference.
+            HaloSlidingWindowInferer()``: the full-volume result with the memory of one window. ``None``: REM on the
+            whole volume.
 
     Returns:
         a :class:`RegistrationCascade`.
@@ -552,4 +622,4 @@ def build_registration_network(
         net = voxelmorph_vm2()
     else:
         raise ValueError(f"unknown backbone {backbone!r}; use 'fdrn' or 'voxelmorph'")
-    return RegistrationCascade(net, rem)
+    return RegistrationCascade(net, rem, rem_inferer=rem_inferer)

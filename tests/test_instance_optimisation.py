@@ -1,0 +1,112 @@
+"""scripts/instance_optimisation.py (shared by refdrn and f3rnet_ct_mri): composition, resizing, and the optimiser
+on pairs with a known deformation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from monai.losses import LocalNormalizedCrossCorrelationLoss
+from monai.networks.blocks import Warp
+
+from tests.helpers import load_bundle_scripts
+
+io_module = load_bundle_scripts("refdrn", "instance_optimisation")
+rm = load_bundle_scripts("refdrn", "registration_metrics")
+
+
+def _blobs(shape=(32, 36, 28), seed=0) -> torch.Tensor:
+    """A smooth random image [1, 1, *shape] with structure at several scales."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(1, 1, *[max(2, s // 4) for s in shape], generator=g)
+    return torch.nn.functional.interpolate(x, size=shape, mode="trilinear", align_corners=False)
+
+
+def _smooth_field(shape, amplitude, seed=1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    coarse = (torch.rand(1, 3, 3, 3, 3, generator=g) - 0.5) * 2 * amplitude
+    return torch.nn.functional.interpolate(coarse, size=shape, mode="trilinear", align_corners=False)
+
+
+def _lncc_io(**kwargs):
+    return io_module.InstanceOptimisation(
+        torch.nn.Identity(), LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=5), **kwargs
+    )
+
+
+def test_compose_ddf_applies_the_second_field_at_the_displaced_point():
+    shape = (24, 20, 16)
+    warp = Warp(mode="bilinear", padding_mode="border")
+    g = torch.Generator().manual_seed(0)
+    image = torch.nn.functional.interpolate(torch.rand(1, 1, 3, 3, 3, generator=g), size=shape, mode="trilinear")
+    first, then = _smooth_field(shape, 2.0, seed=2), _smooth_field(shape, 2.0, seed=3)
+    two_steps = warp(warp(image, then), first)
+    inner = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
+    ours = (two_steps - warp(image, io_module.compose_ddf(first, then, warp)))[inner].abs().mean()
+    other_order = (two_steps - warp(image, then + warp(first, then)))[inner].abs().mean()
+    assert ours < 0.002 and other_order > 3 * ours
+
+
+def test_resize_ddf_keeps_the_displacement_in_millimetres():
+    shift = torch.zeros(1, 3, 16, 20, 24)
+    shift[:, 0] = 2.0  # 2 voxels of the fine grid along axis 0
+    coarse = io_module.resize_ddf(shift, (8, 10, 12))
+    assert torch.allclose(coarse[:, 0], torch.ones(1, 8, 10, 12)) and coarse[:, 1:].abs().max() == 0
+    assert torch.allclose(io_module.resize_ddf(coarse, (16, 20, 24)), shift)
+
+
+def test_zero_iterations_return_the_network_field_unchanged():
+    ddf = _smooth_field((16, 16, 16), 1.5)
+    io = _lncc_io(iterations=0, levels=[2])
+    assert not io.enabled
+    assert io(ddf, _blobs((16, 16, 16)), _blobs((16, 16, 16), seed=4)) is ddf
+
+
+@pytest.mark.parametrize("diffeomorphic", [True, False])
+def test_io_recovers_a_known_deformation_from_identity(diffeomorphic):
+    torch.manual_seed(0)
+    shape = (32, 36, 28)
+    warp = Warp(mode="bilinear", padding_mode="border")
+    fixed = _blobs(shape)
+    truth = _smooth_field(shape, 3.0)
+    moving_of = lambda ddf: warp(fixed, ddf)  # noqa: E731  (a moving image whose warp by -truth-ish is fixed)
+    moving = moving_of(truth)
+    # the fixed image is moving warped by the inverse of `truth`: IO must find a field close to that inverse
+    io = _lncc_io(iterations=[60, 40], levels=[4, 2], lr=0.1, reg_weight=0.1, diffeomorphic=diffeomorphic)
+    ddf = io(torch.zeros(1, 3, *shape), moving, fixed)
+    before = ((moving - fixed) ** 2).mean()
+    after = ((warp(moving, ddf) - fixed) ** 2).mean()
+    assert after < 0.3 * before
+    assert rm.folding_percent(ddf[0]) < 0.5
+    assert len(io.last_seconds) == 2 and all(t > 0 for t in io.last_seconds)
+
+
+def test_io_keeps_a_good_network_field_and_improves_a_rough_one():
+    shape = (32, 36, 28)
+    warp = Warp(mode="bilinear", padding_mode="border")
+    moving = _blobs(shape, seed=5)
+    truth = _smooth_field(shape, 2.5, seed=6)
+    fixed = warp(moving, truth)  # fixed(x) = moving(x + truth(x)): truth is the exact DDF
+    io = _lncc_io(iterations=[40, 30], levels=[4, 2], lr=0.05, reg_weight=0.1)
+    error = lambda d: float((d - truth)[..., 4:-4, 4:-4, 4:-4].abs().mean())  # noqa: E731
+    kept = io(truth.clone(), moving, fixed)
+    assert error(kept) < 0.35  # starting from the answer, IO stays near it
+    rough = 0.5 * truth  # a network that got half of the deformation
+    refined = io(rough, moving, fixed)
+    assert error(refined) < 0.6 * error(rough)
+
+
+def test_invalid_settings_are_refused():
+    with pytest.raises(ValueError, match="io_levels"):
+        _lncc_io(levels=[])
+    with pytest.raises(ValueError, match="io_levels"):
+        _lncc_io(levels=[0])
+    with pytest.raises(ValueError, match="io_iterations"):
+        _lncc_io(iterations=[10], levels=[4, 2])
+    with pytest.raises(ValueError, match="io_iterations"):
+        _lncc_io(iterations=-1)
+    io = _lncc_io(iterations=2, levels=[2])
+    with pytest.raises(ValueError, match="one grid"):
+        io(torch.zeros(1, 3, 8, 8, 8), torch.zeros(1, 1, 8, 8, 9), torch.zeros(1, 1, 8, 8, 9))
+    assert math.isclose(io.lr, 0.1)
