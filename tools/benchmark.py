@@ -642,8 +642,8 @@ def main(argv: list[str] | None = None) -> int:
     args.dataset_dir = (args.dataset_dir or args.datalist.parent).resolve()
     out_dir = (args.output_dir or ROOT / "outputs" / "benchmark" / args.bundle).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    baseline_dir = tempfile.TemporaryDirectory(prefix="bench_baseline_")
-    args.baseline_bundles = export_bundles(args.baseline, Path(baseline_dir.name)) if args.baseline else None
+    baseline_dir = tempfile.TemporaryDirectory(prefix="bench_baseline_") if args.baseline else None
+    args.baseline_bundles = export_bundles(args.baseline, Path(baseline_dir.name)) if baseline_dir else None
     if args.bundle == "rem_sr":
         rows, methods, table = benchmark_sr(args, out_dir)
     else:

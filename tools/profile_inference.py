@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(rest) % 2 or any(not k.startswith("--") for k in rest[::2]):
         parser.error(f"config overrides come as --key value pairs, got {' '.join(rest)}")
     overrides = {k[2:]: parse_value(v) for k, v in zip(rest[::2], rest[1::2])}
-    os.environ.update({k: v for k, v in thread_env(args.threads).items() if k.endswith("NUM_THREADS")})
+    os.environ.update(thread_env(args.threads))  # before torch is imported
     import torch
 
     torch.set_num_threads(args.threads)

@@ -38,8 +38,8 @@ __all__ = ["SaveITKDDFd", "itk_ddf_image", "monai_to_itk_ddf"]
 RAS_TO_LPS = np.array([-1.0, -1.0, 1.0])
 
 
-def _numpy(x) -> np.ndarray:
-    return np.asarray(torch.as_tensor(x).as_subclass(torch.Tensor).detach().double().cpu())
+def _numpy(x, dtype: torch.dtype = torch.float64) -> np.ndarray:
+    return np.asarray(torch.as_tensor(x).as_subclass(torch.Tensor).detach().to(dtype).cpu())
 
 
 def monai_to_itk_ddf(ddf, affine) -> np.ndarray:
@@ -56,7 +56,7 @@ def monai_to_itk_ddf(ddf, affine) -> np.ndarray:
     Raises:
         ValueError: `ddf` is not ``[3, X, Y, Z]`` or `affine` not ``[4, 4]``.
     """
-    u = np.asarray(torch.as_tensor(ddf).as_subclass(torch.Tensor).detach().float().cpu())
+    u = _numpy(ddf, torch.float32)
     a = _numpy(affine)
     if a.ndim == 3 and a.shape[0] == 1:
         a = a[0]

@@ -78,7 +78,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .common import count_parameters  # noqa: F401  (re-exported: parameter counts in docs and tests)
-from .fast_inference import exporting, float32_conv
+from .fast_inference import exporting, float32_conv, halo_slabs
 
 __all__ = [
     "FDRN",
@@ -331,9 +331,7 @@ class FDRN(nn.Module):
         up, refine = self.up[-1], self.dec_res[-1]
         depth, half, halo = skip.shape[2], h.shape[2], 3
         parts = []
-        for start in range(0, depth, self.inference_slab):
-            stop = min(start + self.inference_slab, depth)
-            low, high = max(start - halo, 0), min(stop + halo, depth)
+        for start, stop, low, high in halo_slabs(depth, self.inference_slab, halo):
             # half-resolution rows whose upsampling is exact on [low, high): one spare row on each side (the
             # interpolation clamps at a slab's edge as it does at the volume's only there)
             first, last = max((low - 1) // 2, 0), min((high + 2) // 2, half)

@@ -122,6 +122,15 @@ class InferenceModeInferer(Inferer):
         return out
 
 
+def halo_slabs(depth: int, slab: int, halo: int):
+    """The slabs of an axis of `depth` voxels, `slab` at a time, each read with `halo` extra voxels on both sides
+    (clipped to the axis): yields ``(start, stop, low, high)``, the slab ``[start, stop)`` and the rows
+    ``[low, high)`` to compute it from (crop ``[start - low, stop - low)`` of the result)."""
+    for start in range(0, depth, slab):
+        stop = min(start + slab, depth)
+        yield start, stop, max(start - halo, 0), min(stop + halo, depth)
+
+
 def float32_conv(conv: torch.nn.Conv3d, h: torch.Tensor, slab: int = 16) -> torch.Tensor:
     """``conv(h)`` in float32 even under autocast: the networks' DDF heads, so that a bfloat16 or float16 forward
     pass gives a displacement field with float32 resolution (bfloat16 keeps 8 significant bits: steps of 0.03
@@ -145,11 +154,10 @@ def float32_conv(conv: torch.nn.Conv3d, h: torch.Tensor, slab: int = 16) -> torc
         halo = int(conv.padding[0]) if isinstance(conv.padding, tuple) else 0
         if torch.is_grad_enabled() or h.shape[2] <= slab or isinstance(conv.padding, str) or conv.stride[0] != 1:
             return conv(h.float())
-        depth, parts = h.shape[2], []
-        for start in range(0, depth, slab):
-            stop = min(start + slab, depth)
-            low, high = max(start - halo, 0), min(stop + halo, depth)
-            parts.append(conv(h[:, :, low:high].float())[:, :, start - low : stop - low])
+        parts = [
+            conv(h[:, :, low:high].float())[:, :, start - low : stop - low]
+            for start, stop, low, high in halo_slabs(h.shape[2], slab, halo)
+        ]
         return torch.cat(parts, dim=2)
 
 
