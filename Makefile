@@ -102,10 +102,11 @@ evaluate-f3rnet: phantoms
 
 # the bundles against elastix and ANTs on the same pairs (tools/benchmark.py); the peers come from .venv-peers
 # (`make peers-venv`; without it elastix runs in .venv and ANTs is skipped). THREADS: threads of every method.
-# BASELINE: the previous release (a git revision), run with its own code and weights for the before/after line
-# (ce82f87: rem_sr 0.2.2, refdrn 0.1.4, f3rnet_ct_mri 0.1.3, before the CPU fast paths). CARD=1 fills the cards.
+# BASELINE (optional): a previous release (a git revision), run with its own code and weights for a before/after
+# line, e.g. ce82f87 (before the CPU fast paths) or 37477f5 (before instance optimisation; the registration tables
+# already hold the network-only rows, <bundle>:network). CARD=1 fills the cards.
 THREADS ?= 2
-BASELINE ?= ce82f87
+BASELINE ?=
 BENCH = $(PY) tools/benchmark.py --threads $(THREADS) $(if $(BASELINE),--baseline $(BASELINE)) $(if $(CARD),--card)
 benchmark: pairs phantoms
 	$(BENCH) rem_sr

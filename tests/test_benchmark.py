@@ -101,7 +101,7 @@ def test_benchmark_end_to_end_on_a_tiny_phantom_pair(tmp_path, capsys):
     root = tmp_path / "phantoms"
     make_abdomen_phantoms.main(["--out", str(root), "--n-subjects", "4", "--shape", "36", "40", "32"])
     out = tmp_path / "bench"
-    methods = ["identity", "f3rnet_ct_mri", "elastix"]
+    methods = ["identity", "f3rnet_ct_mri", "f3rnet_ct_mri:network", "elastix"]
     if benchmark.peer_python("elastix")[0] is None:
         methods.remove("elastix")
     args = ["f3rnet_ct_mri", "--datalist", str(root / "datalist_ct2mri.json"), "--max_pairs", "1", "--threads", "1"]
@@ -113,6 +113,9 @@ def test_benchmark_end_to_end_on_a_tiny_phantom_pair(tmp_path, capsys):
     assert float(rows[0]["sdlogj"]) == 0.0  # identity
     for row in rows[1:]:
         assert float(row["seconds"]) > 0 and float(row["peak_rss_gb"]) > 0.05
+    # the bundle as a user runs it (network + instance optimisation) and its network alone (--io_iterations 0)
+    assert float(rows[1]["io_seconds"]) > 0 and float(rows[2]["io_seconds"]) == 0
+    assert float(rows[1]["seconds"]) > float(rows[1]["io_seconds"])
     per_label = list(csv.DictReader((out / "dice_per_label.csv").open()))
     assert {r["label"] for r in per_label} == {"1", "2", "3", "4"}  # liver, spleen, right and left kidney
     summary = (out / "summary.md").read_text()
@@ -170,6 +173,15 @@ def test_card_fills_the_bundle_card_and_the_readme(tmp_path, monkeypatch):
 def test_split_method_names_a_baseline_revision():
     assert benchmark.split_method("refdrn@ce82f87") == ("refdrn", "ce82f87")
     assert benchmark.split_method("elastix") == ("elastix", None)
+
+
+def test_split_variant_names_the_bundle_overrides():
+    assert benchmark.split_variant("refdrn:network") == ("refdrn", "network")
+    assert benchmark.split_variant("refdrn") == ("refdrn", None)
+    assert benchmark.VARIANTS["network"] == {"io_iterations": 0}
+    assert benchmark.VARIANTS["io_from_identity"] == {"io_init": "identity"}
+    with pytest.raises(SystemExit, match="unknown variant 'fast'"):
+        benchmark.split_variant("refdrn:fast")
 
 
 def test_before_after_line_compares_the_baseline_with_this_checkout():

@@ -141,6 +141,8 @@ def refdrn_case(tmp_path_factory):
             "output_dir": str(tmp / "bundle_out"),
             "ckpt_path": str(copies / "refdrn" / "models" / "model.pt"),
             "precision": "fp32",
+            # the exported graph is the network alone; instance optimisation runs only in the bundle
+            "io_iterations": 0,
         },
     )
     ddf = np.asarray(nib.load(str(tmp / "bundle_out" / "moving_lr" / "moving_lr_ddf.nii.gz")).dataobj, np.float32)

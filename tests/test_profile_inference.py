@@ -37,3 +37,21 @@ def test_profile_refuses_a_case_out_of_range_and_odd_overrides(tmp_path):
         )
     with pytest.raises(SystemExit):
         profile_inference.main(["rem_sr", "--output_dir", str(tmp_path), "--precision"])
+
+
+def test_profile_has_a_row_per_instance_optimisation_level(tmp_path):
+    """f3rnet_ct_mri (shipped weights) on a tiny phantom pair: IO's levels are steps of their own stage, outside
+    the network's rows."""
+    from tools import make_abdomen_phantoms
+
+    data = tmp_path / "phantoms"
+    make_abdomen_phantoms.main(["--out", str(data), "--n-subjects", "4", "--shape", "36", "40", "32"])
+    out = tmp_path / "profile"
+    args = ["f3rnet_ct_mri", "--threads", "1", "--output_dir", str(out), "--dataset_dir", str(data)]
+    assert profile_inference.main([*args, "--io_iterations", "[3, 2]"]) == 0
+    result = json.loads((out / "profile.json").read_text())
+    seconds = {(s["stage"], s["step"]): s["seconds"] for s in result["steps"]}
+    assert seconds[("instance optimisation", "level 1/4 grid")] > 0
+    assert seconds[("instance optimisation", "level 1/2 grid")] > 0
+    assert sum(s["seconds"] for s in result["steps"]) <= result["case_seconds"] * 1.05 + 0.05
+    assert "| instance optimisation | level 1/2 grid |" in (out / "profile.md").read_text()

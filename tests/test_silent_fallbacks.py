@@ -156,7 +156,7 @@ def test_mistyped_overrides_in_other_bundles_and_args_files(tmp_path):
         _create_workflow("f3rnet_ct_mri", ["train.json", "evaluate.json"], methd="all", output_dir=str(tmp_path / "f"))
     files = ", ".join(str(BUNDLES / "f3rnet_ct_mri" / "configs" / c) for c in ("train.json", "evaluate.json"))
     assert _bundle_error(err.value) == (
-        f"unknown config key --methd (did you mean --method?): not a key of {files}. "
+        f"unknown config key --methd (did you mean --method or --io_methods or --base_method?): not a key of {files}. "
         "Check the spelling; the model card lists the keys."
     )
     with pytest.raises(Exception) as err:

@@ -67,15 +67,37 @@ REGISTRATION_BUNDLES = ("refdrn", "f3rnet_ct_mri")
 DEFAULTS = {
     "refdrn": {
         "datalist": "data/brain_pairs/datalist_lr_x4.json",
-        "methods": ["identity", "refdrn", "elastix", "ants_syn_mi", "ants_syn_cc"],
+        "methods": [
+            "identity",
+            "refdrn",
+            "refdrn:network",
+            "refdrn:io_from_identity",
+            "elastix",
+            "ants_syn_mi",
+            "ants_syn_cc",
+        ],
     },
     "f3rnet_ct_mri": {
         "datalist": "data/abdomen_phantoms/datalist_ct2mri.json",
-        "methods": ["identity", "f3rnet_ct_mri", "elastix", "ants_syn_mi", "ants_syn_cc"],
+        "methods": [
+            "identity",
+            "f3rnet_ct_mri",
+            "f3rnet_ct_mri:network",
+            "f3rnet_ct_mri:io_from_identity",
+            "elastix",
+            "ants_syn_mi",
+            "ants_syn_cc",
+        ],
     },
     "rem_sr": {"datalist": "data/brain/datalist.json", "methods": ["nearest", "trilinear", "bspline", "rem"]},
 }
 REFERENCE = {"registration": "elastix", "sr": "bspline"}  # the summary's ratios are to this method
+# registration bundle variants, ``<bundle>:<variant>``: inference.json overrides (the bundle alone is its default,
+# the network's field refined by instance optimisation)
+VARIANTS = {
+    "network": {"io_iterations": 0},  # the network's field alone
+    "io_from_identity": {"io_init": "identity"},  # the ablation: IO from zero displacement, the network's field unused
+}
 
 
 # ------------------------------------------------------------------------------------------------ conventions
@@ -227,20 +249,27 @@ def peer_python(method: str) -> tuple[str | None, str]:
 
 
 def run_bundle_method(
-    bundle: str, item: dict, work: Path, threads: int, bundles_dir: Path | None = None
+    bundle: str,
+    item: dict,
+    work: Path,
+    threads: int,
+    bundles_dir: Path | None = None,
+    variant: str | None = None,
 ) -> tuple[Path, dict]:
     """The bundle's inference.json on one pair; returns its ITK-convention field and the measurements.
 
-    ``seconds`` is the network's time when the bundle prints it (``<case>: T s (network N s)``), else the case's;
-    ``case_seconds`` the whole case (network, warping, writing); ``process_seconds`` the whole process.
-    `bundles_dir` holds the bundles (default: this checkout's; a baseline release's for the before/after rows).
+    ``seconds`` is the registration's time when the bundle prints it (``<case>: T s (network N s, IO M s)``: the
+    network's forward pass plus the instance optimisation), else the case's; ``io_seconds`` the instance
+    optimisation's share; ``case_seconds`` the whole case (network, IO, warping, writing); ``process_seconds`` the
+    whole process. `bundles_dir` holds the bundles (default: this checkout's; a baseline release's for the
+    before/after rows); `variant` names inference.json overrides in ``VARIANTS``.
 
     Raises:
         RuntimeError: the run failed (its last output lines in the message) or wrote no field.
     """
     bundle_root = (bundles_dir or ROOT / "bundles") / bundle
     out = work / "out"
-    overrides = {"moving_image": item["moving_image"], "fixed_image": item["fixed_image"]}
+    overrides = {"moving_image": item["moving_image"], "fixed_image": item["fixed_image"], **VARIANTS.get(variant, {})}
     cmd = bundle_run_command(str(bundle_root / "configs" / "inference.json"), bundle_root, out, overrides)
     m = run_measured(cmd, env=thread_env(threads))
     if m.returncode != 0:
@@ -248,10 +277,17 @@ def run_bundle_method(
     fields = sorted(out.rglob("*_ddf_itk.nii.gz"))
     if len(fields) != 1:
         raise RuntimeError(f"{bundle} wrote {len(fields)} ITK-convention fields in {out}, expected 1")
-    times = re.findall(r"^\S+: ([0-9.]+) s(?: \(network ([0-9.]+) s\))?$", m.stdout, flags=re.M)
+    times = re.findall(r"^\S+: ([0-9.]+) s(?: \(network ([0-9.]+) s(?:, IO ([0-9.]+) s)?\))?$", m.stdout, flags=re.M)
     case = float(times[-1][0]) if times else m.seconds
     network = float(times[-1][1]) if times and times[-1][1] else case
-    measured = {"seconds": network, "case_seconds": case, "process_seconds": m.seconds, "peak_rss_gb": m.peak_rss_gb}
+    io_seconds = float(times[-1][2]) if times and times[-1][2] else 0.0
+    measured = {
+        "seconds": network + io_seconds,
+        "io_seconds": io_seconds,
+        "case_seconds": case,
+        "process_seconds": m.seconds,
+        "peak_rss_gb": m.peak_rss_gb,
+    }
     return fields[0], measured
 
 
@@ -300,9 +336,22 @@ def export_bundles(revision: str, folder: Path) -> Path:
 
 
 def split_method(method: str) -> tuple[str, str | None]:
-    """``"refdrn@ce82f87"`` -> ``("refdrn", "ce82f87")``; a method without ``@`` has no revision."""
+    """``"refdrn@ce82f87"`` -> ``("refdrn", "ce82f87")``; a method without ``@`` has no revision. A variant
+    (``"refdrn:network"``) stays in the name; see :func:`split_variant`."""
     name, _, revision = method.partition("@")
     return name, revision or None
+
+
+def split_variant(name: str) -> tuple[str, str | None]:
+    """``"refdrn:network"`` -> ``("refdrn", "network")``; a name without ``:`` has no variant.
+
+    Raises:
+        SystemExit: an unknown variant (the message lists ``VARIANTS``).
+    """
+    bundle, _, variant = name.partition(":")
+    if variant and variant not in VARIANTS:
+        raise SystemExit(f"error: unknown variant {variant!r} of {bundle}; choose from {sorted(VARIANTS)}")
+    return bundle, variant or None
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -472,7 +521,9 @@ def benchmark_registration(args, bundle: str, out_dir: Path) -> tuple[list[dict]
     methods = list(args.methods or DEFAULTS[bundle]["methods"])
     if args.baseline and bundle in methods:
         methods.insert(methods.index(bundle) + 1, f"{bundle}@{args.baseline}")
-    unknown = [m for m in methods if split_method(m)[0] not in ("identity", *REGISTRATION_BUNDLES, *PEERS)]
+    unknown = [
+        m for m in methods if split_variant(split_method(m)[0])[0] not in ("identity", *REGISTRATION_BUNDLES, *PEERS)
+    ]
     if unknown:
         raise SystemExit(f"error: unknown method(s) {unknown}; choose from identity, {REGISTRATION_BUNDLES}, {PEERS}")
     for method in [m for m in methods if m in PEERS]:
@@ -495,11 +546,11 @@ def benchmark_registration(args, bundle: str, out_dir: Path) -> tuple[list[dict]
                     ddf, measured = np.zeros((3, *shape), np.float32), {}
                 else:
                     name, revision = split_method(method)
+                    name, variant = split_variant(name)
                     try:
                         if name in REGISTRATION_BUNDLES:
-                            field, measured = run_bundle_method(
-                                name, pair, Path(tmp), args.threads, args.baseline_bundles if revision else None
-                            )
+                            baseline = args.baseline_bundles if revision else None
+                            field, measured = run_bundle_method(name, pair, Path(tmp), args.threads, baseline, variant)
                         else:
                             field, measured = run_peer_method(method, peer_pair, Path(tmp), args.threads)
                     except RuntimeError as exc:
@@ -526,6 +577,7 @@ def benchmark_registration(args, bundle: str, out_dir: Path) -> tuple[list[dict]
         ("folding", "folding (%)", 3),
         ("sdlogj", "SDlogJ", 3),
         ("seconds", "time (s)", 1),
+        ("io_seconds", "IO (s)", 1),
         ("case_seconds", "case (s)", 1),
         ("process_seconds", "process (s)", 1),
         ("peak_rss_gb", "peak RSS (GB)", 2),
@@ -533,9 +585,12 @@ def benchmark_registration(args, bundle: str, out_dir: Path) -> tuple[list[dict]
     summary = summarise(rows, methods, [c[0] for c in columns], REFERENCE["registration"])
     header = (
         f"{len(pairs)} pair(s) of `{args.datalist_text}`, {args.threads} thread(s) per method, CPU; mean ± std over "
-        "the pairs; time: the registration (the bundles' network forward pass, as they print it; elastix and ANTs: "
-        "registration and field; reading and writing files excluded), the base of the time ratios; case: the "
-        "bundle's whole case (network, warping, writing its files); process: the whole process (start-up included); "
+        "the pairs; time: the registration (the bundles: the network's forward pass plus the instance optimisation, "
+        "as they print it; elastix and ANTs: registration and field; reading and writing files excluded), the base "
+        "of the time ratios; IO: the instance optimisation's share; `:network`: `--io_iterations 0`, the network's "
+        "field alone; `:io_from_identity`: `--io_init identity`, IO from zero displacement (its time includes the "
+        "discarded network pass); case: the bundle's whole case (network, IO, warping, writing its files); process: "
+        "the whole process (start-up included); "
         f"produced by `{args.command}`."
     )
     table = summary_markdown(summary, methods, columns, REFERENCE["registration"], header)

@@ -8,6 +8,9 @@ The bundle's own ``configs/inference.json`` runs in this process, as MONAI's bun
 - the network's parts (forward hooks): REM and the backbone for ``refdrn``, REM for ``rem_sr`` (summed over the
   sliding windows), F3RNet for ``f3rnet_ct_mri``; *inferer and transfers* is the rest of the network step
   (window blending, dtype and device copies);
+- the instance optimisation of the registration bundles (the step's ``io``), one row per level (its
+  ``last_seconds``) and one for the rest of the call (features, final upsampling and composition), as the
+  *instance optimisation* stage (its peak RSS is sampled over the whole call);
 - every transform of ``postprocessing`` (``SaveImaged`` and the ITK-field writer are the *writing* stage; they queue
   the compression in writer threads, and the wait for those threads at the end of the case is a writing step too);
 - the process's start-up (imports, config parsing, network construction, weights) before the first case.
@@ -139,6 +142,35 @@ def hook_module(module, label: str, timings: Timings) -> None:
     module.register_forward_hook(after)
 
 
+class TimedIO:
+    """The evaluator step's instance optimisation with a timer around each call; its levels become steps of the
+    *instance optimisation* stage (``last_seconds``, e.g. ``IO 1/4 grid``)."""
+
+    def __init__(self, io, timings: Timings) -> None:
+        self.io, self.timings = io, timings
+
+    def __getattr__(self, name):
+        return getattr(self.io, name)
+
+    def __call__(self, *args, **kwargs):
+        self.timings.enter("instance optimisation", "IO")
+        start = time.perf_counter()
+        try:
+            out = self.io(*args, **kwargs)
+        finally:
+            self.timings.leave()
+        total = time.perf_counter() - start
+        peak = self.timings.peak.pop(("instance optimisation", "IO"), 0)
+        rows = [(f"level 1/{f} grid", t) for f, t in zip(self.io.levels, self.io.last_seconds)]
+        # the rest of the call: the full-resolution features (pool_features), the final upsampling and composition
+        rows.append(("features, final upsampling and composition", max(total - sum(self.io.last_seconds), 0.0)))
+        for step, seconds in rows:
+            key = ("instance optimisation", step)
+            self.timings.add(*key, seconds)
+            self.timings.peak[key] = max(self.timings.peak[key], peak)  # sampled over the whole IO
+        return out
+
+
 def case_overrides(bundle: str, parser, case: int) -> dict:
     """The single-file overrides of case `case` of the bundle's default datalist (its ``data_section``)."""
     datalist = Path(parser.get_parsed_content("datalist"))
@@ -193,6 +225,9 @@ def profile(bundle: str, case: int, output_dir: Path, overrides: dict, bundles_d
             timings.add("writing", "waiting for the writer threads", time.perf_counter() - start)
 
         common.wait_for_writes = timed_wait
+    step = getattr(evaluator, "_process_function", None)  # the config's iteration_update (ignite's process function)
+    if getattr(step, "io", None) is not None:
+        step.io = TimedIO(step.io, timings)
     network = parser.get_parsed_content("network")
     for label, attribute in NETWORK_PARTS[bundle]:
         hook_module(getattr(network, attribute) if attribute else network, label, timings)
@@ -216,7 +251,11 @@ def profile(bundle: str, case: int, output_dir: Path, overrides: dict, bundles_d
         sampler.join()
     total = time.perf_counter() - marks["started"]
     network_parts = sum(v for (stage, _), v in timings.seconds.items() if stage == "network")
-    post = sum(v for (stage, _), v in timings.seconds.items() if stage in ("postprocessing", "writing"))
+    post = sum(
+        v
+        for (stage, _), v in timings.seconds.items()
+        if stage in ("postprocessing", "writing", "instance optimisation")
+    )
     # the handlers after the postprocessing (OutputPathsHandler's wait, counted in `writing`) run in the step too
     other = marks["step"] - network_parts - post
     timings.add("network", "inferer and transfers", max(other, 0.0))
@@ -244,7 +283,7 @@ def markdown(result: dict, command: str) -> str:
         "| stage | step | seconds | share of the case | peak RSS during the step (GB) |",
         "|---|---|---|---|---|",
     ]
-    order = ("loading", "preprocessing", "network", "postprocessing", "writing")
+    order = ("loading", "preprocessing", "network", "instance optimisation", "postprocessing", "writing")
     for stage in order:
         steps = [s for s in result["steps"] if s["stage"] == stage]
         for s in steps:

@@ -66,7 +66,7 @@ def test_train_saves_plain_cpu_state_dicts_and_logs(trained):
 
 def test_inference_writes_ddf_warped_image_and_label_on_the_input_grid(trained, phantoms, tmp_path):
     out, _ = trained
-    run_bundle(
+    result = run_bundle(
         "f3rnet_ct_mri",
         ["inference.json"],
         {
@@ -93,7 +93,33 @@ def test_inference_writes_ddf_warped_image_and_label_on_the_input_grid(trained, 
     assert warped.min() < -500 and warped.max() > 100  # HU, not the normalised network input
     label = np.asarray(outputs["warped_label"].dataobj)
     assert label.dtype == np.uint8 and set(np.unique(label)) == {0, 1, 2, 3, 4}
+    # ... and the warped label is the moving label resampled (nearest) with the same saved DDF
+    moving_label = np.asarray(nib.load(str(phantoms / "labels" / "case003_ct_label.nii.gz")).dataobj, np.float32)
+    expected_label = Warp(mode="nearest", padding_mode="zeros")(
+        torch.as_tensor(moving_label)[None, None], torch.as_tensor(np.moveaxis(ddf, -1, 0))[None]
+    )
+    np.testing.assert_array_equal(label, expected_label[0, 0].numpy().round().astype(np.uint8))
     assert not list(tmp_path.rglob(".partial-*"))
+    # instance optimisation is on by default: one progress bar, and its time in the case's line
+    assert "IO 1/" in result.stderr and "IO " in result.stdout and "network " in result.stdout
+
+
+def test_io_iterations_0_gives_exactly_the_network_field_and_io_refines_it(trained, phantoms, tmp_path):
+    """`--io_iterations 0` saves the field of the engine without instance optimisation (`io` None), bit for bit;
+    the default (IO on) saves another field, which moves the warped moving CT closer to the fixed MR in MIND-SSC
+    terms (the similarity IO optimises)."""
+    out, _ = trained
+    common = {**TINY_NET, "dataset_dir": str(phantoms), "ckpt_path": str(out / "models" / "model.pt")}
+    fields = {}
+    for name, overrides in {
+        "io_0": {"io_iterations": 0},
+        "no_io": {"evaluator#iteration_update#io": "$None"},
+        "io": {},
+    }.items():
+        _run_in_process("inference.json", output_dir=str(tmp_path / name), **common, **overrides)
+        fields[name] = np.asarray(nib.load(str(tmp_path / name / "case003" / "case003_ddf.nii.gz")).dataobj)
+    np.testing.assert_array_equal(fields["io_0"], fields["no_io"])
+    assert np.abs(fields["io"] - fields["no_io"]).max() > 0.05
 
 
 EVALUATE = ["train.json", "evaluate.json"]  # evaluate.json overrides train.json

@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from monai.networks.blocks import Warp
 
 from tests.helpers import (
     BUNDLES,
@@ -88,7 +89,7 @@ def test_rem_sr_weights_file_is_untouched_by_cascade_training(trained):
 
 def test_inference_writes_all_outputs_on_the_hr_grid(trained, pairs, tmp_path):
     out, _ = trained
-    run_bundle(
+    result = run_bundle(
         "refdrn",
         ["inference.json"],
         {
@@ -108,6 +109,34 @@ def test_inference_writes_all_outputs_on_the_hr_grid(trained, pairs, tmp_path):
     label = np.asarray(nib.load(str(case / "lr4_sub3_warped_label.nii.gz")).dataobj)
     assert set(np.unique(label)) <= {0, 1, 2, 3, 4}
     assert not list(tmp_path.rglob(".partial-*"))
+    # the saved DDF is the final one (IO is on by default): re-warping the saved SR moving image and the moving
+    # label with it gives the saved warped image and warped label
+    ddf = torch.as_tensor(np.moveaxis(np.asarray(nib.load(str(case / "lr4_sub3_ddf.nii.gz")).dataobj), -1, 0))[None]
+    sr_moving = torch.as_tensor(np.asarray(nib.load(str(case / "lr4_sub3_sr_moving.nii.gz")).dataobj, np.float32))
+    warped = np.asarray(nib.load(str(case / "lr4_sub3_warped.nii.gz")).dataobj, np.float32)
+    rewarped = Warp(mode="bilinear", padding_mode="border")(sr_moving[None, None], ddf.float())[0, 0].numpy()
+    np.testing.assert_allclose(warped, rewarped, atol=1e-3 * float(np.abs(warped).max()))
+    moving_label = np.asarray(nib.load(str(pairs / "sub3_labels.nii.gz")).dataobj, np.float32)
+    relabel = Warp(mode="nearest", padding_mode="zeros")(torch.as_tensor(moving_label)[None, None], ddf.float())
+    np.testing.assert_array_equal(label, relabel[0, 0].numpy().round().astype(label.dtype))
+    assert "IO 1/" in result.stderr and "IO " in result.stdout  # the progress bar and IO's time in the case line
+
+
+def test_io_iterations_0_gives_exactly_the_network_field(trained, pairs, tmp_path):
+    """`--io_iterations 0` saves the field of the engine without instance optimisation (`io` None), bit for bit;
+    the default's field (IO on) differs from it."""
+    out, _ = trained
+    common = {**TINY_NET, "dataset_dir": str(pairs), "ckpt_path": str(out / "models" / "model.pt")}
+    fields = {}
+    for name, overrides in {
+        "io_0": {"io_iterations": 0},
+        "no_io": {"evaluator#iteration_update#io": "$None"},
+        "io": {},
+    }.items():
+        run_bundle("refdrn", ["inference.json"], {**common, **overrides, "output_dir": str(tmp_path / name)})
+        fields[name] = np.asarray(nib.load(str(tmp_path / name / "lr4_sub3" / "lr4_sub3_ddf.nii.gz")).dataobj)
+    np.testing.assert_array_equal(fields["io_0"], fields["no_io"])
+    assert np.abs(fields["io"] - fields["no_io"]).max() > 0.05
 
 
 # the evaluation (evaluate.json) is tested in test_refdrn_evaluate_e2e.py

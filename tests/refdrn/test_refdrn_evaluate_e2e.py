@@ -60,9 +60,9 @@ def compared(eval_weights, pairs, tmp_path_factory):
 
 def test_evaluate_reports_every_method_and_every_metric(compared):
     _, results = compared
-    assert list(results) == ["identity", "backbone_lr", "cascade", "cascade_no_aux"]
+    assert list(results) == ["identity", "backbone_lr", "cascade", "cascade_io", "io_from_identity", "cascade_no_aux"]
     assert results["cascade_no_aux"] == "not trained"
-    for method in ("identity", "backbone_lr", "cascade"):
+    for method in ("identity", "backbone_lr", "cascade", "cascade_io", "io_from_identity"):
         assert set(results[method]) == EVAL_METRICS, method
         assert results[method]["dice"]["cases"] == 2
     identity = results["identity"]
@@ -74,6 +74,13 @@ def test_evaluate_reports_every_method_and_every_metric(compared):
         assert results[method]["hd95"]["mean"] > identity["hd95"]["mean"], method
         assert results[method]["folding_percent"]["mean"] == 0, method
         assert results[method]["seconds"]["mean"] > 0, method
+    # instance optimisation: the rows "network + IO" and "IO from identity" register with the SR images (REM kept),
+    # IO takes back part of the network's shift, and its time is in the row's time per pair
+    for method in ("cascade_io", "io_from_identity"):
+        assert results[method]["input_psnr"]["mean"] == pytest.approx(results["cascade"]["input_psnr"]["mean"])
+        assert results[method]["folding_percent"]["mean"] < 0.5, method
+        assert results[method]["seconds"]["mean"] > results["cascade"]["seconds"]["mean"], method
+    assert results["cascade_io"]["dice"]["mean"] > results["cascade"]["dice"]["mean"]
 
 
 def test_evaluate_writes_per_case_metrics_and_the_figure(compared):
@@ -142,7 +149,10 @@ def test_evaluate_refuses_bad_methods_and_weights_without_writing(eval_weights, 
         expected = [str(eval_weights / "model.pt"), "weights do not match"]
     else:
         overrides["method"] = "cascade_x"
-        expected = ["unknown --method 'cascade_x'; choose one of identity, backbone_lr, cascade, cascade_no_aux"]
+        expected = [
+            "unknown --method 'cascade_x'; choose one of identity, backbone_lr, cascade, cascade_io, io_from_identity, "
+            "cascade_no_aux"
+        ]
     result = run_bundle("refdrn", ["train.json", "evaluate.json"], overrides, check=False)
     assert result.returncode != 0
     assert all(text in result.stderr for text in expected), result.stderr[-3000:]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from ignite.engine import Engine
 from monai.data import MetaTensor
@@ -121,8 +123,16 @@ class F3RNetInferStep:
     the stacked pair ``image`` (moving, fixed) and returns the DDF as ``pred``, a MetaTensor with the input's
     (batched) metadata, so the outputs keep the input affine. The network runs through the evaluator's ``inferer``
     (inference.json: ``scripts.fast_inference.InferenceModeInferer``: inference mode and, on a CPU with native
-    bfloat16, bf16 autocast); with ``amp`` on CUDA under float16 autocast.
+    bfloat16, bf16 autocast); with ``amp`` on CUDA under float16 autocast. With `io`
+    (``scripts.instance_optimisation.InstanceOptimisation``), the DDF is then refined for the pair by instance
+    optimisation (MIND-SSC); ``engine.state.io_seconds`` holds its time.
+
+    Args:
+        io: the instance optimisation, or ``None`` (the network's field alone).
     """
+
+    def __init__(self, io=None) -> None:
+        self.io = io
 
     @torch.no_grad()
     def __call__(self, engine: Engine, batch: dict) -> dict:
@@ -147,6 +157,13 @@ class F3RNetInferStep:
         with torch.autocast(device_type=device.type, enabled=_amp(engine, device)):
             # through the evaluator's inferer (inference.json: inference mode, bf16 on the CPU, see `precision`)
             ddf = engine.inferer(pair, unwrap(engine.network))
+        engine.state.io_seconds = None
+        if self.io is not None and self.io.enabled:
+            start = time.perf_counter()
+            ddf = torch.cat(
+                [self.io(ddf[i : i + 1].float(), pair[i : i + 1, :1], pair[i : i + 1, 1:]) for i in range(len(pair))]
+            )
+            engine.state.io_seconds = time.perf_counter() - start
         # on the CPU: postprocessing warps the raw moving image (a CPU tensor) and writes NIfTI files
         pred = MetaTensor(ddf.float().cpu(), meta=image.meta, applied_operations=[])
         pred.is_batch = True

@@ -11,14 +11,17 @@ The network gives a fast first estimate ``d_net``; IO then optimises, for this p
 ``u`` is the exponential of a stationary velocity field (SVF) ``v``, integrated by scaling and squaring with MONAI's
 ``DVF2DDF`` (``diffeomorphic=True``, the default: ``u`` cannot fold), or ``v`` itself (a plain displacement). The
 objective is the bundle's similarity between the warped moving features and the fixed features plus
-``reg_weight`` times MONAI's ``DiffusionLoss`` of ``u`` (and, for the plain displacement, a penalty on negative
-Jacobian determinants). Adam optimises ``v`` level by level, coarse to fine (``levels``: grid factors such as
-``[4, 2]``: quarter, then half resolution); each level's ``v`` is upsampled to start the next, and the last level's
-``u`` is upsampled to the full grid and composed with ``d_net`` there once.
+``reg_weight`` times MONAI's ``DiffusionLoss`` (or ``BendingEnergyLoss``: ``regulariser``) of the whole field ``d``
+(``regularise="field"``, the default, as ConvexAdam and LapIRN's IO regularise the field they output, so IO also
+smooths the network's own rough spots) or of the update ``u`` alone (``regularise="update"``), and, for the plain
+displacement, a penalty on negative Jacobian determinants of ``u``. Adam optimises ``v`` level by level, coarse to
+fine (``levels``: grid factors such as ``[4, 2]``: quarter, then half resolution); each level's ``v`` is upsampled
+to start the next, and the last level's ``u`` is upsampled to the full grid and composed with ``d_net`` there once.
 
-Features are computed once per level from the average-pooled images (LNCC: the images themselves; MIND-SSC: the
-descriptors, which are then warped instead of recomputed, as ConvexAdam does), so an iteration costs one warp of the
-moving features, the SVF integration and the loss on the level's grid.
+Features are computed once per level (LNCC: the images themselves; MIND-SSC: the descriptors, which are then warped
+instead of recomputed, as ConvexAdam does): from the average-pooled images, or (``pool_features=True``) once on the
+full grid and then average-pooled to each level's grid, as ConvexAdam pools its MIND-SSC features. An iteration
+costs one warp of the moving features, the SVF integration and the loss on the level's grid.
 
 Source: the Learn2Reg practice of instance optimisation on top of a learned estimate (e.g. Siebert, Hansen and
 Heinrich, "Fast 3D registration with accurate optimisation and little learning for Learn2Reg 2021" (ConvexAdam);
@@ -33,8 +36,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiffusionLoss
+from monai.losses import BendingEnergyLoss, DiffusionLoss
 from monai.networks.blocks import DVF2DDF, Warp
+
+from .common import config_flag
 
 __all__ = ["InstanceOptimisation", "compose_ddf", "resize_ddf"]
 
@@ -76,11 +81,22 @@ class InstanceOptimisation:
         diffeomorphic: ``u = exp(v)`` (SVF, ``DVF2DDF``) when true; else ``u = v`` with a penalty on negative
             Jacobian determinants (weight ``reg_weight``).
         integration_steps: scaling-and-squaring steps of ``DVF2DDF``.
-        progress: show a progress bar over the iterations (tqdm).
+        progress: show one progress bar per pair over every level's iterations (tqdm).
+        init: ``"network"`` (the default): start from the network's DDF; ``"identity"``: discard it and start from
+            zero displacement (the ablation "IO from identity", which shows what the network contributes).
+        regularise: ``"field"`` (the default): the smoothness penalty of the whole DDF ``d``; ``"update"``: of ``u``.
+        regulariser: the smoothness penalty, MONAI's ``DiffusionLoss`` (``"diffusion"``, the default: first
+            derivatives) or ``BendingEnergyLoss`` (``"bending"``: second derivatives; its grids need at least 5
+            voxels per axis).
+        pool_features: compute the features once on the full grid and average-pool them to each level's grid
+            (fine structure survives in the pooled descriptors); false: the features of the average-pooled images.
+            The same thing for ``torch.nn.Identity()`` features.
 
     Raises:
-        ValueError: (at construction) negative iterations, an empty or non-positive ``levels``, or per-level
-            iterations that do not match ``levels``.
+        BundleInputError: (at construction) ``diffeomorphic`` or ``pool_features`` is not a boolean (command-line
+            text such as "false" is read with MONAI's ``str2bool``).
+        ValueError: (at construction) negative iterations, an empty or non-positive ``levels``, per-level
+            iterations that do not match ``levels``, or an unknown ``init``, ``regularise`` or ``regulariser``.
     """
 
     def __init__(
@@ -94,7 +110,21 @@ class InstanceOptimisation:
         diffeomorphic: bool = True,
         integration_steps: int = 7,
         progress: bool = False,
+        init: str = "network",
+        pool_features: bool = False,
+        regularise: str = "field",
+        regulariser: str = "diffusion",
     ) -> None:
+        self.regulariser = str(regulariser).lower()
+        if self.regulariser not in ("diffusion", "bending"):
+            raise ValueError(f"io_regulariser must be 'diffusion' or 'bending', got {regulariser!r}")
+        self.regularise = str(regularise).lower()
+        if self.regularise not in ("update", "field"):
+            raise ValueError(f"io_regularise must be 'update' or 'field', got {regularise!r}")
+        self.pool_features = config_flag(pool_features, "io_pool_features")
+        self.init = str(init).lower()
+        if self.init not in ("network", "identity"):
+            raise ValueError(f"io_init must be 'network' or 'identity', got {init!r}")
         self.levels = [int(f) for f in (levels if isinstance(levels, Sequence) else [levels])]
         if not self.levels or min(self.levels) < 1:
             raise ValueError(f"io_levels must be grid factors >= 1, coarse to fine, got {levels!r}")
@@ -106,10 +136,10 @@ class InstanceOptimisation:
         self.iterations = [int(i) for i in its]
         self.features, self.similarity = features, similarity
         self.lr, self.reg_weight = float(lr), float(reg_weight)
-        self.diffeomorphic, self.integration_steps = bool(diffeomorphic), int(integration_steps)
+        self.diffeomorphic, self.integration_steps = config_flag(diffeomorphic, "diffeomorphic"), int(integration_steps)
         self.progress = bool(progress)
         self.warp = Warp(mode="bilinear", padding_mode="border")
-        self.diffusion = DiffusionLoss()
+        self.smoothness = DiffusionLoss() if self.regulariser == "diffusion" else BendingEnergyLoss()
         self.last_seconds: list[float] = []
 
     @property
@@ -131,7 +161,7 @@ class InstanceOptimisation:
     def __call__(self, ddf: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            ddf: the network's DDF ``[1, 3, D, H, W]`` in voxels of the fixed grid (zeros: IO from identity).
+            ddf: the network's DDF ``[1, 3, D, H, W]`` in voxels of the fixed grid (ignored with ``init="identity"``).
             moving: the moving image on the fixed grid ``[1, C, D, H, W]`` (what the network saw: refdrn's SR moving
                 image, f3rnet's normalised CT or MR).
             fixed: the fixed image, same shape.
@@ -152,36 +182,55 @@ class InstanceOptimisation:
                 "on one grid"
             )
         full = tuple(ddf.shape[2:])
-        d_net = ddf.detach().float()
+        # contiguous: a channels-last field (the network's memory format) makes every warp and its backward slow
+        d_net = (
+            ddf.detach().float().contiguous() if self.init == "network" else torch.zeros(ddf.shape, device=ddf.device)
+        )
+        moving, fixed = moving.float().contiguous(), fixed.float().contiguous()
         dvf2ddf = DVF2DDF(num_steps=self.integration_steps, mode="bilinear", padding_mode="zeros")
+        if self.pool_features:
+            with torch.no_grad():
+                moving, fixed = self.features(moving), self.features(fixed)
         v: torch.Tensor | None = None
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            # one bar per pair over every level's iterations
+            bar = tqdm(total=sum(self.iterations), desc="IO", unit="it", leave=False)
         with torch.enable_grad():
             for factor, iterations in zip(self.levels, self.iterations):
                 start = time.perf_counter()
                 grid = [max(1, s // factor) for s in full]
+                if bar is not None:
+                    bar.set_description(f"IO 1/{factor} grid {'x'.join(map(str, grid))}")
                 with torch.no_grad():
-                    f_moving = self.features(F.adaptive_avg_pool3d(moving.float(), grid))
-                    f_fixed = self.features(F.adaptive_avg_pool3d(fixed.float(), grid))
+                    if self.pool_features:  # the full-resolution features, average-pooled to the level's grid
+                        f_moving, f_fixed = F.adaptive_avg_pool3d(moving, grid), F.adaptive_avg_pool3d(fixed, grid)
+                    else:  # the features of the average-pooled images
+                        f_moving = self.features(F.adaptive_avg_pool3d(moving, grid))
+                        f_fixed = self.features(F.adaptive_avg_pool3d(fixed, grid))
                     net = resize_ddf(d_net, grid)
                     v0 = torch.zeros(1, 3, *grid, device=ddf.device) if v is None else resize_ddf(v.detach(), grid)
                 v = v0.clone().requires_grad_(True)
                 if iterations:
                     optimiser = torch.optim.Adam([v], lr=self.lr)
-                    steps = range(iterations)
-                    if self.progress:
-                        from tqdm import tqdm
-
-                        steps = tqdm(steps, desc=f"IO 1/{factor} grid {'x'.join(map(str, grid))}", leave=False)
-                    for _ in steps:
+                    for _ in range(iterations):
                         optimiser.zero_grad(set_to_none=True)
                         u = self._update(v, dvf2ddf if self.diffeomorphic else None)
-                        warped = self.warp(f_moving, compose_ddf(u, net, self.warp))
-                        loss = self.similarity(warped, f_fixed) + self.reg_weight * self.diffusion(u)
+                        total = compose_ddf(u, net, self.warp)
+                        warped = self.warp(f_moving, total)
+                        smooth = self.smoothness(total if self.regularise == "field" else u)
+                        loss = self.similarity(warped, f_fixed) + self.reg_weight * smooth
                         if not self.diffeomorphic:
                             loss = loss + self.reg_weight * self._folding_penalty(u)
                         loss.backward()
                         optimiser.step()
+                        if bar is not None:
+                            bar.update()
                 self.last_seconds.append(time.perf_counter() - start)
+            if bar is not None:
+                bar.close()
             with torch.no_grad():
                 u = resize_ddf(self._update(v.detach(), dvf2ddf if self.diffeomorphic else None), full)
                 return compose_ddf(u, d_net, self.warp)

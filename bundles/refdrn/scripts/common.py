@@ -937,19 +937,25 @@ class OutputPathsHandler:
         engine.add_event_handler(Events.ITERATION_STARTED, self._start)
         engine.add_event_handler(
             Events.ITERATION_COMPLETED,
-            lambda e: self.print_cases(getattr(getattr(e, "inferer", None), "last_seconds", None)),
+            lambda e: self.print_cases(
+                getattr(getattr(e, "inferer", None), "last_seconds", None), getattr(e.state, "io_seconds", None)
+            ),
         )
 
     def _start(self, _engine=None) -> None:
         _WRITTEN.clear()
         self._started = time.perf_counter()
 
-    def print_cases(self, network_seconds: float | None = None) -> dict[str, list[str]]:
+    def print_cases(
+        self, network_seconds: float | None = None, io_seconds: float | None = None
+    ) -> dict[str, list[str]]:
         """Print the files written since the last call, one line per case folder, and the time; forget them.
 
         Args:
             network_seconds: the network's share of the time (the inferer's ``last_seconds``), printed as
                 ``<case>: <seconds> s (network <seconds> s)`` when given.
+            io_seconds: the instance optimisation's share (the iteration's ``engine.state.io_seconds``), printed as
+                ``(network <seconds> s, IO <seconds> s)`` when given.
 
         Returns:
             ``{case: [file, ...]}`` as printed.
@@ -962,7 +968,9 @@ class OutputPathsHandler:
         _WRITTEN.clear()
         for case, files in cases.items():
             print(f"{case}: {', '.join(files)}", flush=True)
-            network = f" (network {network_seconds:.2f} s)" if network_seconds is not None else ""
+            parts = [f"network {network_seconds:.2f} s"] if network_seconds is not None else []
+            parts += [f"IO {io_seconds:.2f} s"] if io_seconds is not None else []
+            network = f" ({', '.join(parts)})" if parts else ""
             print(f"{case}: {seconds:.2f} s{network}", flush=True)
         return cases
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from ignite.engine import Engine
 from ignite.metrics import Average
@@ -147,7 +149,17 @@ class RegistrationInferStep:
     ``scripts.fast_inference.InferenceModeInferer``, i.e. inference mode and, on a CPU with native bfloat16, bf16
     autocast). With the evaluator's ``amp`` on a CUDA device it runs under ``torch.autocast`` (float16). Outputs
     are cast back to float32.
+
+    With `io` (``scripts.instance_optimisation.InstanceOptimisation``, inference.json's ``io``), the network's DDF is
+    then refined for the pair by instance optimisation on the SR pair (LNCC, the cascade's own similarity); the
+    saved DDF, warped image and label are the refined ones. ``engine.state.io_seconds`` holds IO's time.
+
+    Args:
+        io: the instance optimisation, or ``None`` (the network's field alone).
     """
+
+    def __init__(self, io=None) -> None:
+        self.io = io
 
     @torch.no_grad()
     def __call__(self, engine: Engine, batch: dict) -> dict:
@@ -174,6 +186,16 @@ class RegistrationInferStep:
             # through the evaluator's inferer (inference.json: inference mode, bf16 on the CPU, see `precision`)
             out = engine.inferer(pair, unwrap(engine.network), return_dict=True)
         out = {k: v.float() for k, v in out.items()}
+        engine.state.io_seconds = None
+        if self.io is not None and self.io.enabled:
+            start = time.perf_counter()
+            out["ddf"] = torch.cat(
+                [
+                    self.io(out["ddf"][i : i + 1], out["sr_moving"][i : i + 1], out["sr_fixed"][i : i + 1])
+                    for i in range(out["ddf"].shape[0])
+                ]
+            )
+            engine.state.io_seconds = time.perf_counter() - start
 
         def with_input_meta(x: torch.Tensor) -> MetaTensor:
             # outputs live on the input grid: give them its (batched) affine and file name

@@ -100,7 +100,7 @@ def method_network(
         ValueError: unknown backbone (see ``build_registration_network``).
     """
     if str(backbone).lower() == "zero":
-        return RegistrationCascade(ZeroDDF(), None)
+        return RegistrationCascade(ZeroDDF(), rem, rem_inferer=rem_inferer)  # REM kept: IO from identity uses its SR
     return build_registration_network(
         backbone, rem, fdrn_channels=fdrn_channels, fdrn_num_res=fdrn_num_res, rem_inferer=rem_inferer
     )
@@ -146,13 +146,16 @@ class RegistrationEvaluateStep:
         num_classes: label ids must be below this (the ``num_classes`` of the Dice/HD95/ASD metrics); None: no
             check. evaluate.json's datalist check (``scripts.pairs.check_pairs``) already refuses such ids before
             anything runs; this guards the step when it is used on its own.
+        io: ``scripts.instance_optimisation.InstanceOptimisation`` run on the network's field on the SR pair (its
+            time included in ``seconds``; the rows "cascade_io" and "io_from_identity"), or ``None``.
 
     Raises:
         BundleInputError: (on a call) a label map holds an id >= `num_classes`; the message names the file.
     """
 
-    def __init__(self, num_classes: int | None = None) -> None:
+    def __init__(self, num_classes: int | None = None, io=None) -> None:
         self.num_classes = num_classes
+        self.io = io
 
     def check_labels(self, batch: Mapping) -> None:
         """Raise a BundleInputError naming the label file when its largest id is >= ``num_classes`` (any id fits the
@@ -181,6 +184,14 @@ class RegistrationEvaluateStep:
         with torch.autocast(device.type, enabled=bool(getattr(engine, "amp", False))):
             # through the evaluator's inferer, as inference.json (inference mode, bf16 on the CPU: `precision`)
             out = engine.inferer(pair, network, return_dict=True)
+        if self.io is not None and self.io.enabled:
+            # instance optimisation of the network's field on the SR pair (the rows "+ IO" and "IO from identity")
+            out["ddf"] = torch.cat(
+                [
+                    self.io(out["ddf"][i : i + 1].float(), out["sr_moving"][i : i + 1], out["sr_fixed"][i : i + 1])
+                    for i in range(pair.shape[0])
+                ]
+            )
         _sync(device)
         seconds = time.perf_counter() - start
 
