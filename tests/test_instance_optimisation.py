@@ -197,3 +197,16 @@ def test_boolean_settings_read_command_line_text():
     with pytest.raises(Exception, match="io_pool_features must be true or false") as err:
         _lncc_io(pool_features="maybe")
     assert type(err.value).__name__ == "BundleInputError"  # the bundles' one-line error, not a traceback
+
+
+def test_a_batch_is_optimised_pair_by_pair():
+    shape = (16, 20, 16)
+    moving = torch.cat([_blobs(shape, seed=16), _blobs(shape, seed=17)])
+    fixed = torch.cat([_blobs(shape, seed=18), _blobs(shape, seed=19)])
+    ddf = torch.cat([_smooth_field(shape, 1.0, seed=20), _smooth_field(shape, 1.0, seed=21)])
+    io = _lncc_io(iterations=[3, 2], levels=[4, 2])
+    alone = [io(ddf[i : i + 1], moving[i : i + 1], fixed[i : i + 1]) for i in range(2)]
+    batch = io(ddf, moving, fixed)
+    assert torch.equal(batch, torch.cat(alone)) and len(io.last_seconds) == 2
+    with pytest.raises(ValueError, match="one grid"):
+        io(ddf, moving[:1], fixed[:1])

@@ -160,9 +160,7 @@ class F3RNetInferStep:
         engine.state.io_seconds = None
         if self.io is not None and self.io.enabled:
             start = time.perf_counter()
-            ddf = torch.cat(
-                [self.io(ddf[i : i + 1].float(), pair[i : i + 1, :1], pair[i : i + 1, 1:]) for i in range(len(pair))]
-            )
+            ddf = self.io(ddf.float(), pair[:, :1], pair[:, 1:])
             engine.state.io_seconds = time.perf_counter() - start
         # on the CPU: postprocessing warps the raw moving image (a CPU tensor) and writes NIfTI files
         pred = MetaTensor(ddf.float().cpu(), meta=image.meta, applied_operations=[])

@@ -168,12 +168,7 @@ class F3RNetEvaluateStep:
             ddf = engine.inferer(pair, network)
             if self.io is not None and self.io.enabled:
                 # instance optimisation of the network's field (MIND-SSC), the rows "+ IO" and "IO from identity"
-                ddf = torch.cat(
-                    [
-                        self.io(ddf[i : i + 1].float(), pair[i : i + 1, :1], pair[i : i + 1, 1:])
-                        for i in range(len(pair))
-                    ]
-                )
+                ddf = self.io(ddf.float(), pair[:, :1], pair[:, 1:])
             _sync(device)
             seconds = (time.perf_counter() - start) / pair.shape[0]
         pred = MetaTensor(ddf.float().cpu(), meta=getattr(fixed, "meta", {}), applied_operations=[])

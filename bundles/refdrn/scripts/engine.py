@@ -189,12 +189,7 @@ class RegistrationInferStep:
         engine.state.io_seconds = None
         if self.io is not None and self.io.enabled:
             start = time.perf_counter()
-            out["ddf"] = torch.cat(
-                [
-                    self.io(out["ddf"][i : i + 1], out["sr_moving"][i : i + 1], out["sr_fixed"][i : i + 1])
-                    for i in range(out["ddf"].shape[0])
-                ]
-            )
+            out["ddf"] = self.io(out["ddf"], out["sr_moving"], out["sr_fixed"])
             engine.state.io_seconds = time.perf_counter() - start
 
         def with_input_meta(x: torch.Tensor) -> MetaTensor:

@@ -186,12 +186,7 @@ class RegistrationEvaluateStep:
             out = engine.inferer(pair, network, return_dict=True)
         if self.io is not None and self.io.enabled:
             # instance optimisation of the network's field on the SR pair (the rows "+ IO" and "IO from identity")
-            out["ddf"] = torch.cat(
-                [
-                    self.io(out["ddf"][i : i + 1].float(), out["sr_moving"][i : i + 1], out["sr_fixed"][i : i + 1])
-                    for i in range(pair.shape[0])
-                ]
-            )
+            out["ddf"] = self.io(out["ddf"].float(), out["sr_moving"], out["sr_fixed"])
         _sync(device)
         seconds = time.perf_counter() - start
 

@@ -161,26 +161,37 @@ class InstanceOptimisation:
     def __call__(self, ddf: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """
         Args:
-            ddf: the network's DDF ``[1, 3, D, H, W]`` in voxels of the fixed grid (ignored with ``init="identity"``).
-            moving: the moving image on the fixed grid ``[1, C, D, H, W]`` (what the network saw: refdrn's SR moving
+            ddf: the network's DDFs ``[B, 3, D, H, W]`` in voxels of the fixed grid (ignored with ``init="identity"``).
+            moving: the moving images on the fixed grid ``[B, C, D, H, W]`` (what the network saw: refdrn's SR moving
                 image, f3rnet's normalised CT or MR).
-            fixed: the fixed image, same shape.
+            fixed: the fixed images, same shape.
 
         Returns:
-            the refined DDF ``[1, 3, D, H, W]`` in voxels, float32, on ``ddf``'s device; ``ddf`` itself when
-            ``iterations`` are all 0. ``last_seconds`` holds each level's wall time.
+            the refined DDFs ``[B, 3, D, H, W]`` in voxels, float32, on ``ddf``'s device, each pair optimised on its
+            own; ``ddf`` itself when ``iterations`` are all 0. ``last_seconds`` holds each level's wall time, summed
+            over the batch.
 
         Raises:
-            ValueError: the images and the DDF are not on one grid.
+            ValueError: the images and the DDFs are not on one grid, or not as many.
         """
         self.last_seconds = []
         if not self.enabled:
             return ddf
-        if ddf.shape[2:] != moving.shape[2:] or moving.shape != fixed.shape:
+        if ddf.shape[2:] != moving.shape[2:] or moving.shape != fixed.shape or len(ddf) != len(moving):
             raise ValueError(
                 f"IO needs the DDF {tuple(ddf.shape)} and the images {tuple(moving.shape)}, {tuple(fixed.shape)} "
                 "on one grid"
             )
+        refined, seconds = [], [0.0] * len(self.levels)
+        for i in range(len(ddf)):
+            refined.append(self._optimise(ddf[i : i + 1], moving[i : i + 1], fixed[i : i + 1]))
+            seconds = [total + t for total, t in zip(seconds, self.last_seconds)]
+        self.last_seconds = seconds
+        return torch.cat(refined)
+
+    def _optimise(self, ddf: torch.Tensor, moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """One pair (``[1, ...]`` tensors, checked by ``__call__``); sets ``last_seconds`` to its levels' times."""
+        self.last_seconds = []
         full = tuple(ddf.shape[2:])
         # contiguous: a channels-last field (the network's memory format) makes every warp and its backward slow
         d_net = (
