@@ -11,8 +11,11 @@ DEPLOY_STAMP := $(DEPLOY_VENV)/.installed
 # the classical peers (elastix, ANTs, SimpleITK) live in their own venv: antspyx pins numpy below ours
 PEERS_VENV := .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
+# ECLARE, rem_sr's thick-slice SR peer, lives in its own venv: it pins scipy 1.11.4, below ours
+ECLARE_VENV := .venv-eclare
+ECLARE_STAMP := $(ECLARE_VENV)/.installed
 
-.PHONY: demo test lint format verify export package deploy-venv test-deploy peers-venv test-peers benchmark profile memory data pairs phantoms train-rem evaluate-rem evaluate-refdrn evaluate-f3rnet clean
+.PHONY: demo test lint format verify export package deploy-venv test-deploy peers-venv eclare-venv test-peers benchmark profile memory data pairs sr-data phantoms train-rem evaluate-rem evaluate-refdrn evaluate-f3rnet clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-optional.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +30,10 @@ pairs: data
 
 phantoms: $(STAMP)
 	$(PY) tools/make_abdomen_phantoms.py
+
+# rem_sr's training mix: real label maps for the on-the-fly synthesis and synthetic validation volumes
+sr-data: pairs
+	$(PY) tools/make_sr_training_data.py
 
 demo: data
 	$(PY) -m monai.bundle run --config_file bundles/rem_sr/configs/inference.json \
@@ -77,6 +84,13 @@ $(PEERS_STAMP): requirements-peers.txt
 
 peers-venv: $(PEERS_STAMP)
 
+$(ECLARE_STAMP): requirements-eclare.txt
+	$(PYTHON) -m venv $(ECLARE_VENV)
+	$(ECLARE_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-eclare.txt
+	touch $(ECLARE_STAMP)
+
+eclare-venv: $(ECLARE_STAMP)
+
 # the tests that need the peers (ANTs reading the ITK-convention DDF, the peer methods of the benchmark)
 test-peers: $(STAMP) $(PEERS_STAMP)
 	$(PY) -m pytest -q tests/test_itk_ddf.py
@@ -85,7 +99,7 @@ test-peers: $(STAMP) $(PEERS_STAMP)
 test-deploy: $(STAMP) $(DEPLOY_STAMP)
 	$(PY) -m pytest -q tests/test_deploy.py
 
-train-rem: data
+train-rem: sr-data
 	$(PY) -m monai.bundle run --config_file bundles/rem_sr/configs/train.json --bundle_root bundles/rem_sr
 
 # every method of the model card's table (tools/compare_methods.py); CARD=1 also fills the card and eval_metrics
@@ -110,6 +124,7 @@ BASELINE ?=
 BENCH = $(PY) tools/benchmark.py --threads $(THREADS) $(if $(BASELINE),--baseline $(BASELINE)) $(if $(CARD),--card)
 benchmark: pairs phantoms
 	$(BENCH) rem_sr
+	$(BENCH) rem_sr --scale 1x1x4
 	$(BENCH) refdrn
 	$(BENCH) f3rnet_ct_mri
 

@@ -51,7 +51,8 @@ def save_nifti(array: np.ndarray, path: Path, spacing: float = 1.0, origin=(0.0,
 
 def make_brain_dataset(root: Path, n_train: int = 2, shape=(40, 48, 40)) -> Path:
     """HR volumes + masks + datalist (training/validation/test), plus nibabel's anatomical.nii (scaled to
-    [0, 1]) as an extra training and test volume, and LR x2 copies of the test volumes for inference."""
+    [0, 1]) as an extra training and test volume, a label map (the first volume's intensities in 4 classes) as a
+    training item for rem_sr's synthesis, and LR x2 copies of the test volumes for inference."""
     root.mkdir(parents=True, exist_ok=True)
     items = []
     for i in range(n_train + 2):
@@ -64,8 +65,12 @@ def make_brain_dataset(root: Path, n_train: int = 2, shape=(40, 48, 40)) -> Path
     data = np.clip(data / np.percentile(data[data > 0], 99.5), 0, 1)
     nib.save(nib.Nifti1Image(data, anat.affine), str(root / "anatomical_T1w.nii.gz"))
     anat_item = {"name": "anatomical", "image": "anatomical_T1w.nii.gz"}
+    image, mask = synthetic_brain(shape, seed=0)
+    labels = (np.digitize(image, [0.01, 0.45, 0.6, 0.75]) * mask).astype(np.int16)
+    save_nifti(labels, root / "syn_labels.nii.gz", origin=(-20.0, -24.0, -20.0))
+    label_item = {"name": "syn_labels", "labels": "syn_labels.nii.gz"}
     datalist = {
-        "training": items[:n_train] + [anat_item],
+        "training": items[:n_train] + [anat_item, label_item],
         "validation": [items[n_train]],
         "test": [items[n_train + 1], anat_item],
     }

@@ -153,6 +153,46 @@ def test_sr_benchmark_on_the_synthetic_brains(brain_data, tmp_path):
     assert (out / "benchmark.png").stat().st_size > 20000
 
 
+FAKE_ECLARE = """#!{python}
+# stands in for ECLARE's run-eclare: trilinear upsampling of the LR volume along its thick axis (rem_sr's own
+# degradation module), written where ECLARE writes, so the benchmark must score it exactly as the trilinear method
+import sys, pathlib, nibabel as nib, numpy as np, torch
+sys.path.insert(0, {bundle!r})
+from scripts import degradation
+args = sys.argv[1:]
+src, out = pathlib.Path(args[args.index("--in-fpath") + 1]), pathlib.Path(args[args.index("--out-dir") + 1])
+assert args[args.index("--n-patches") + 1] == "64" and "--relative-slice-thickness" in args
+lr = nib.load(str(src))
+data = torch.from_numpy(np.asarray(lr.dataobj, dtype=np.float32))[None]
+hr = degradation.upsample(data, [data.shape[1], data.shape[2], data.shape[3] * 4], "trilinear")[0].numpy()
+nib.save(nib.Nifti1Image(hr, lr.affine), str(out / src.name.replace(".nii", "_eclare.nii")))
+"""
+
+
+def test_sr_benchmark_on_thick_slices_scores_eclare_like_the_bundle_methods(brain_data, tmp_path, monkeypatch):
+    import sys
+
+    fake = tmp_path / "run-eclare"
+    fake.write_text(FAKE_ECLARE.format(python=sys.executable, bundle=str(benchmark.ROOT / "bundles" / "rem_sr")))
+    fake.chmod(0o755)
+    monkeypatch.setattr(benchmark, "ECLARE", fake)
+    # a datalist of the synthetic case alone: 40x48x40 divides by 4 along z, so the fake's x4 grid is the HR grid
+    datalist = json.loads((brain_data / "datalist.json").read_text())
+    (tmp_path / "d.json").write_text(json.dumps({"test": datalist["test"][:1]}))
+    out = tmp_path / "thick"
+    args = ["rem_sr", "--datalist", str(tmp_path / "d.json"), "--dataset_dir", str(brain_data), "--scale", "1x1x4"]
+    args += ["--methods", "trilinear", "eclare", "--eclare_patches", "64", "--threads", "1", "--output_dir", str(out)]
+    assert benchmark.main(args) == 0
+    rows = {r["method"]: r for r in csv.DictReader((out / "results.csv").open())}
+    for metric in ("psnr_brain", "ssim_brain", "psnr", "ssim"):
+        assert float(rows["eclare"][metric]) == pytest.approx(float(rows["trilinear"][metric]), abs=1e-4), metric
+    assert float(rows["eclare"]["process_seconds"]) > 0
+    summary = (out / "summary.md").read_text()
+    assert "rem_sr 1×1×4" in summary and "64 training patches" in summary
+    with pytest.raises(SystemExit):
+        benchmark.main(["rem_sr", "--scale", "1x4"])
+
+
 def test_card_fills_the_bundle_card_and_the_readme(tmp_path, monkeypatch):
     (tmp_path / "bundles" / "refdrn" / "docs").mkdir(parents=True)
     block = "<!-- benchmark:refdrn:start -->\nold\n<!-- benchmark:refdrn:end -->"

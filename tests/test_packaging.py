@@ -58,9 +58,11 @@ def test_zip_has_the_download_layout_and_nothing_else(rem_zip):
     ):
         assert f"rem_sr/{required}" in files, required
     assert {n.split("/")[1] for n in files} == {"configs", "models", "scripts", "docs", "LICENSE"}
-    assert [n for n in files if n.startswith("rem_sr/models/")] == [
-        "rem_sr/models/model.pt"
-    ]  # no .ts/.onnx/checkpoints
+    # model.pt and the extra per-degradation weights; no .ts/.onnx/checkpoints
+    assert sorted(n for n in files if n.startswith("rem_sr/models/")) == [
+        "rem_sr/models/model.pt",
+        "rem_sr/models/model_x2.pt",
+    ]
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc") or "/eval/" in n or "/logs/" in n]
     with zipfile.ZipFile(zip_path) as zf:
         assert zf.read("rem_sr/models/model.pt") == (BUNDLES / "rem_sr" / "models" / "model.pt").read_bytes()

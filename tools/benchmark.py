@@ -20,8 +20,11 @@ Registration (``python tools/benchmark.py refdrn`` or ``f3rnet_ct_mri``), on any
   printed; ``OMP_NUM_THREADS`` and ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS``).
 
 Super-resolution (``python tools/benchmark.py rem_sr``): each method of rem_sr's ``evaluate.json`` (nearest,
-trilinear, cubic B-spline, REM) at ``--scale`` on the test volumes, each run in its own measured process: PSNR and
-SSIM in the brain and over the volume (the bundle's own metric code), the method's wall time and the peak RSS.
+trilinear, cubic B-spline, REM) at ``--scale`` (``4``, or ``1x1x4`` for 4 mm thick axial slices with a Gaussian slice
+profile) on the test volumes, each run in its own measured process: PSNR and SSIM in the brain and over the volume
+(the bundle's own metric code), the method's wall time and the peak RSS. On thick-slice input ``eclare`` (ECLARE,
+PyPI ``eclare``, self-supervised: it trains on each volume) joins them from ``.venv-eclare`` (``make eclare-venv``)
+with a reduced budget (``--eclare_patches``), on the same LR volume, scored by the same metric classes.
 
 Outputs in ``--output_dir`` (default ``outputs/benchmark/<bundle>``): ``results.csv`` (a row per pair and method),
 ``dice_per_label.csv`` (registration), ``summary.md`` (mean ± std per method, with ratios of time and peak RSS to
@@ -30,7 +33,7 @@ on a log axis).
 
 Usage:
     python tools/benchmark.py refdrn [--datalist D --dataset_dir DIR --section test] [--methods ...] [--threads 2]
-    python tools/benchmark.py rem_sr [--scale 4] [--threads 2]
+    python tools/benchmark.py rem_sr [--scale 4 | --scale 1x1x4] [--threads 2] [--eclare_patches 10000]
 
 With ``--card`` the summary also goes into the bundle's model card and the README, between
 ``<!-- benchmark:<bundle>:start -->`` and ``<!-- benchmark:<bundle>:end -->``.
@@ -60,6 +63,7 @@ from tools.resources import run_measured, thread_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
+ECLARE = ROOT / ".venv-eclare" / "bin" / "run-eclare"
 RUN_PEER = ROOT / "tools" / "peers" / "run_peer.py"
 PEERS = ("elastix", "ants_syn_mi", "ants_syn_cc", "demons")
 REGISTRATION_BUNDLES = ("refdrn", "f3rnet_ct_mri")
@@ -599,20 +603,132 @@ def benchmark_registration(args, bundle: str, out_dir: Path) -> tuple[list[dict]
     return rows, methods, table
 
 
+def parse_scale(text: str) -> float | list[float]:
+    """``"4"`` -> 4.0 (isotropic); ``"1x1x4"`` -> [1.0, 1.0, 4.0] (per RAS axis: thick slices)."""
+    parts = str(text).lower().split("x")
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a scale is a number (4) or one per axis (1x1x4), got {text!r}") from None
+    if len(values) not in (1, 3) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"a scale is a number >= 1 (4) or three (1x1x4), got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def scale_text(scale: float | list[float]) -> str:
+    """×4 or 1×1×4 (a table header)."""
+    return f"×{scale:g}" if isinstance(scale, float) else "×".join(f"{s:g}" for s in scale)
+
+
+def eclare_method(args, scale: list[float], run_dir: Path) -> tuple[dict, float, float]:
+    """ECLARE on each test volume's thick-slice LR input, scored as rem_sr's evaluate.json scores its methods.
+
+    The HR reference, brain mask and LR input come from rem_sr's own evaluate.json pipeline (the same intensity
+    normalisation and degradation as every other method); the LR volume is written with its thick-slice affine,
+    ECLARE (``.venv-eclare``) runs on it in a measured process with ``--relative-slice-thickness 1`` and the
+    Gaussian profile (the true slice profile, so its own profile estimation is skipped), and its output, on the HR
+    grid, is clipped to [0, 1] and scored with the bundle's metric classes. Returns the mean metrics, the summed
+    process seconds and the largest peak RSS.
+
+    Raises:
+        SystemExit: ECLARE fails or writes no volume on the HR grid.
+    """
+    import nibabel as nib
+    import torch
+
+    from tools.compare_methods import config_files
+
+    bundle_root = ROOT / "bundles" / "rem_sr"
+    degradation = bundle_scripts(bundle_root, "degradation")
+    evaluate = bundle_scripts(bundle_root, "evaluate")
+    from monai.bundle import ConfigParser
+    from monai.metrics import PSNRMetric, SSIMMetric
+
+    parser = ConfigParser()
+    parser.read_config(config_files(bundle_root))
+    parser.update(
+        {
+            "bundle_root": str(bundle_root),
+            "datalist": str(args.datalist),
+            "dataset_dir": str(args.dataset_dir),
+            "method": "trilinear",
+            "eval_scale": scale,
+        }
+    )
+    dataset = parser.get_parsed_content("evaluate#dataset")
+    metrics = {
+        "psnr_brain": evaluate.MaskedPSNRMetric(max_val=1.0),
+        "ssim_brain": evaluate.MaskedSSIMMetric(spatial_dims=3, data_range=1.0, win_size=11, kernel_sigma=1.5),
+        "psnr": PSNRMetric(max_val=1.0),
+        "ssim": SSIMMetric(spatial_dims=3, data_range=1.0, win_size=11, kernel_sigma=1.5),
+    }
+    seconds, peak = 0.0, 0.0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for index in range(len(dataset)):
+        item = dataset[index]
+        hr = item["label"]
+        affine = np.asarray(hr.affine, dtype=float)
+        lr = degradation.downsample(hr.as_tensor(), scale, "gaussian")[0].numpy()
+        to_hr_index = np.diag([*scale, 1.0])
+        to_hr_index[:3, 3] = (np.asarray(scale) - 1) / 2
+        lr_path = run_dir / f"case{index}_lr.nii.gz"
+        nib.save(nib.Nifti1Image(lr.astype(np.float32), affine @ to_hr_index), str(lr_path))
+        cmd = [str(ECLARE), "--in-fpath", str(lr_path), "--out-dir", str(run_dir), "--n-patches"]
+        cmd += [
+            str(args.eclare_patches),
+            "--relative-slice-thickness",
+            "1.0",
+            "--relative-slice-profile-type",
+            "gaussian",
+        ]
+        m = run_measured(cmd, env=thread_env(args.threads))
+        if m.returncode != 0:
+            raise SystemExit(f"{m.tail()}\nerror: ECLARE failed with exit code {m.returncode}")
+        seconds, peak = seconds + m.seconds, max(peak, m.peak_rss_gb)
+        out = np.asarray(nib.load(str(run_dir / f"case{index}_lr_eclare.nii.gz")).dataobj, dtype=np.float32)
+        if out.shape != tuple(hr.shape[1:]):
+            raise SystemExit(f"error: ECLARE wrote a {out.shape} volume, the HR grid is {tuple(hr.shape[1:])}")
+        pred = torch.from_numpy(out).clamp(0, 1)[None, None]
+        label = hr.as_tensor()[None].float()
+        label_mask = torch.cat([label, item["mask"].as_tensor()[None].float()], 1) if "mask" in item else label
+        for name, metric in metrics.items():
+            metric(pred, label_mask if name.endswith("_brain") else label)
+    means = {name: float(torch.nanmean(metric.aggregate().float().reshape(-1))) for name, metric in metrics.items()}
+    return means, seconds, peak
+
+
 def benchmark_sr(args, out_dir: Path) -> tuple[list[dict], list[str], str]:
     """rem_sr's evaluate.json once per method, each in its own measured process; rows, methods, markdown."""
     from tools.compare_methods import config_files, read_metrics
 
-    methods = list(args.methods or DEFAULTS["rem_sr"]["methods"])
-    if args.baseline and "rem" in methods:
+    thick = isinstance(args.scale, list)
+    # REM (the weights for the input's kind, as inference picks them) and the one model trained on every kind
+    extra = ["rem_general", "eclare"] if thick else ["rem_general"]
+    methods = list(args.methods or DEFAULTS["rem_sr"]["methods"] + extra)
+    if args.baseline and "rem" in methods and thick:
+        # releases before rem_sr 0.4.0 evaluate isotropic factors only: a thick-slice baseline row cannot be made
+        print(f"rem@{args.baseline} skipped: a baseline runs at isotropic scales only (--scale 4)")
+    elif args.baseline and "rem" in methods:
         methods.insert(methods.index("rem") + 1, f"rem@{args.baseline}")
+    if "eclare" in methods and (not thick or not ECLARE.is_file()):
+        reason = "it needs thick-slice input (--scale 1x1x4)" if not thick else f"{ECLARE} is absent (make eclare-venv)"
+        print(f"eclare skipped: {reason}")
+        methods.remove("eclare")
     rows = []
-    print(f"rem_sr x{args.scale:g} on the test section of {args.datalist}, methods {methods}, {args.threads} thread(s)")
+    label = scale_text(args.scale)
+    print(f"rem_sr {label} on the test section of {args.datalist}, methods {methods}, {args.threads} thread(s)")
     for method in methods:
+        run_dir = out_dir / "runs" / method
+        if method == "eclare":
+            metrics, seconds, peak = eclare_method(args, args.scale, run_dir)
+            row = {"volume": "test", "method": method, **metrics, "seconds": float("nan")}
+            row.update({"process_seconds": seconds, "peak_rss_gb": peak, "threads": args.threads})
+            rows.append(row)
+            print(f"{method}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)), flush=True)
+            continue
         name, revision = split_method(method)
         bundle_root = (args.baseline_bundles if revision else ROOT / "bundles") / "rem_sr"
-        run_dir = out_dir / "runs" / method
-        scale = int(args.scale) if float(args.scale).is_integer() else args.scale
+        scale = args.scale if thick else (int(args.scale) if float(args.scale).is_integer() else args.scale)
         overrides = {"method": name, "eval_scale": scale, "dataset_dir": str(args.dataset_dir)}
         overrides["datalist"] = str(args.datalist)
         cmd = bundle_run_command(config_files(bundle_root), bundle_root, run_dir, overrides)
@@ -633,19 +749,25 @@ def benchmark_sr(args, out_dir: Path) -> tuple[list[dict], list[str], str]:
     ]
     summary = summarise(rows, methods, [c[0] for c in columns], REFERENCE["sr"])
     header = (
-        f"rem_sr ×{args.scale:g}, test section of `{args.datalist_text}`, {args.threads} thread(s), CPU; PSNR in dB; "
+        f"rem_sr {label}, test section of `{args.datalist_text}`, {args.threads} thread(s), CPU; PSNR in dB; "
         "network: REM's forward pass (rem_sr's ForwardTimer; the interpolators have none); process: the whole "
-        "evaluation process (loading, degradation, the method, metrics), the base of the time ratios; produced by "
-        f"`{args.command}`."
+        "evaluation process (loading, degradation, the method, metrics), the base of the time ratios"
+        + (
+            f"; eclare: ECLARE with {args.eclare_patches} training patches (a reduced budget; its default is "
+            "1,000,000), its process time = training on the volume + inference"
+            if "eclare" in methods
+            else ""
+        )
+        + f"; produced by `{args.command}`."
     )
     table = summary_markdown(summary, methods, columns, REFERENCE["sr"], header, time_key="process_seconds")
     table += before_after(summary, methods, ("psnr_brain", "ssim_brain", "psnr"), "seconds")
     quality = "psnr_brain" if "psnr_brain" in metric_names else metric_names[0]
-    plot(rows, methods, quality, f"{quality} (dB)", f"rem_sr ×{args.scale:g}", out_dir / "benchmark.png")
+    plot(rows, methods, quality, f"{quality} (dB)", f"rem_sr {label}", out_dir / "benchmark.png")
     return rows, methods, table
 
 
-def fill_cards(bundle: str, table: str) -> list[Path]:
+def fill_cards(bundle: str, table: str, marker: str | None = None) -> list[Path]:
     """Paste a summary table into the bundle's model card and the README (``<!-- benchmark:<bundle>:start -->`` ...
     ``<!-- benchmark:<bundle>:end -->`` in each); returns the files written.
 
@@ -654,7 +776,8 @@ def fill_cards(bundle: str, table: str) -> list[Path]:
     """
     from tools.fill_model_card import fill
 
-    markers = (f"<!-- benchmark:{bundle}:start -->", f"<!-- benchmark:{bundle}:end -->")
+    marker = marker or bundle
+    markers = (f"<!-- benchmark:{marker}:start -->", f"<!-- benchmark:{marker}:end -->")
     written = []
     for path in (ROOT / "bundles" / bundle / "docs" / "README.md", ROOT / "README.md"):
         atomic_write_text(fill(path.read_text(), table, *markers), path)
@@ -678,7 +801,18 @@ def main(argv: list[str] | None = None) -> int:
         help="the peers' inputs: each image resampled onto its label's grid (trilinear ↓↑, default; the bundles also "
         "register on the upsampled grid) or the image files as given",
     )
-    parser.add_argument("--scale", type=float, default=4, help="rem_sr: the SR factor (default 4)")
+    parser.add_argument(
+        "--scale",
+        type=parse_scale,
+        default=4.0,
+        help="rem_sr: the SR factor (default 4), or one per RAS axis for thick slices (1x1x4: 4 mm axial slices)",
+    )
+    parser.add_argument(
+        "--eclare_patches",
+        type=int,
+        default=10000,
+        help="rem_sr on thick slices: ECLARE's training patches (default 10000, a reduced budget; ECLARE's own is 1e6)",
+    )
     parser.add_argument(
         "--baseline",
         help="a git revision of this repository (the previous release): its bundle, with its own code and weights, "
@@ -695,7 +829,9 @@ def main(argv: list[str] | None = None) -> int:
     args.datalist_text = str(args.datalist or DEFAULTS[args.bundle]["datalist"])
     args.datalist = datalist.resolve()
     args.dataset_dir = (args.dataset_dir or args.datalist.parent).resolve()
-    out_dir = (args.output_dir or ROOT / "outputs" / "benchmark" / args.bundle).resolve()
+    # one folder and one card table per SR input kind: rem_sr (x4, x2 ...) and rem_sr_1x1x4 (thick slices)
+    key = args.bundle if not isinstance(args.scale, list) else f"{args.bundle}_{'x'.join(f'{s:g}' for s in args.scale)}"
+    out_dir = (args.output_dir or ROOT / "outputs" / "benchmark" / key).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     baseline_dir = tempfile.TemporaryDirectory(prefix="bench_baseline_") if args.baseline else None
     args.baseline_bundles = export_bundles(args.baseline, Path(baseline_dir.name)) if baseline_dir else None
@@ -708,7 +844,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + table)
     print(f"wrote {out_dir / 'results.csv'}, summary.md and benchmark.png")
     if args.card:
-        for path in fill_cards(args.bundle, table):
+        for path in fill_cards(args.bundle, table, key):
             print(f"updated {path}")
     return 0
 

@@ -28,6 +28,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import itertools
 import json
@@ -74,13 +75,15 @@ def parse_value(text: str):
 
 
 def resolve(bundle_root: Path, overrides: dict, *keys: str) -> list:
-    """The parsed values of `keys` of the merged evaluation config under `overrides`."""
+    """The parsed values of `keys` of the merged evaluation config under `overrides` (with the bundle's own
+    ``scripts`` importable, for values a ``_target_`` of the bundle computes)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(config_files(bundle_root))
     parser.update({"bundle_root": str(bundle_root), **overrides})
-    return [parser.get_parsed_content(k) if k in parser else None for k in keys]
+    with bundle_on_path(bundle_root):
+        return [parser.get_parsed_content(k) if k in parser else None for k in keys]
 
 
 def grid_points(grid: dict | None) -> list[dict]:
@@ -92,8 +95,12 @@ def grid_points(grid: dict | None) -> list[dict]:
 
 
 def point_label(point: dict) -> str:
-    """A folder- and key-friendly label of a grid point, e.g. ``eval_scale_4``."""
-    return "_".join(f"{k}_{v}" for k, v in point.items()) or "all"
+    """A folder- and key-friendly label of a grid point: ``eval_scale_4``, or ``eval_scale_1x1x4`` for a list."""
+
+    def text(v) -> str:
+        return "x".join(f"{x:g}" if isinstance(x, float) else str(x) for x in v) if isinstance(v, list) else str(v)
+
+    return "_".join(f"{k}_{text(v)}" for k, v in point.items()) or "all"
 
 
 def read_metrics(run_dir: Path) -> dict[str, dict[str, float]]:
@@ -157,20 +164,27 @@ def markdown(results: dict, methods: list[str], command: str) -> str:
     return "\n".join(lines)
 
 
-def bundle_scripts(bundle_root: Path, module: str):
-    """``scripts.<module>`` of the bundle at `bundle_root`. Every bundle has its own ``scripts`` package, so another
-    bundle's, if one is loaded, is dropped from ``sys.modules`` first."""
-    import importlib
-
+@contextlib.contextmanager
+def bundle_on_path(bundle_root: Path):
+    """Make the bundle's own ``scripts`` package the importable one while the block runs. Every bundle has its own
+    ``scripts`` package, so another bundle's, if one is loaded, is dropped from ``sys.modules`` first."""
     root = str(bundle_root)
     for name in [n for n in sys.modules if n == "scripts" or n.startswith("scripts.")]:
         if not str(getattr(sys.modules[name], "__file__", "") or "").startswith(root):
             del sys.modules[name]
     sys.path.insert(0, root)
     try:
-        return importlib.import_module(f"scripts.{module}")
+        yield
     finally:
         sys.path.remove(root)
+
+
+def bundle_scripts(bundle_root: Path, module: str):
+    """``scripts.<module>`` of the bundle at `bundle_root` (see :func:`bundle_on_path`)."""
+    import importlib
+
+    with bundle_on_path(bundle_root):
+        return importlib.import_module(f"scripts.{module}")
 
 
 def comparison_figures(bundle_root: Path, out_dir: Path, results: dict) -> list[Path]:

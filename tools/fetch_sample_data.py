@@ -259,16 +259,19 @@ def load_rem_degradation():
     return module
 
 
-def make_low_resolution(image: nib.Nifti1Image, scale: int) -> nib.Nifti1Image:
-    """Trilinear downscaling by 1/scale on a grid with `scale`-times larger voxels and the same field of view."""
+def make_low_resolution(image: nib.Nifti1Image, scale, profile: str = "none") -> nib.Nifti1Image:
+    """Downscaling by 1/scale (one factor, or one per array axis: ``(1, 1, 4)`` for 4 mm thick slices) with rem_sr's
+    degradation (trilinear sampling after the slice profile ``profile``), on a grid with `scale`-times larger voxels
+    and the same field of view."""
     import torch
 
     degradation = load_rem_degradation()
+    scales = np.broadcast_to(np.asarray(scale, dtype=float), (3,))
     data = torch.from_numpy(np.asarray(image.dataobj, dtype=np.float32))[None]
-    low = degradation.downsample(data, scale)[0].numpy()
+    low = degradation.downsample(data, [float(s) for s in scales], profile)[0].numpy()
     # align_corners=False: LR voxel i covers HR voxels [s*i, s*i + s), its centre is at s*i + (s-1)/2
-    to_hr_index = np.diag([scale, scale, scale, 1.0])
-    to_hr_index[:3, 3] = (scale - 1) / 2
+    to_hr_index = np.diag([*scales, 1.0])
+    to_hr_index[:3, 3] = (scales - 1) / 2
     out = nib.Nifti1Image(low.astype(np.float32), image.affine @ to_hr_index)
     out.header.set_xyzt_units("mm")
     return out

@@ -5,7 +5,8 @@ For each bundle under bundles/ (or the ones named) that has models/model.pt, wri
 <output-dir>/<name>_v<version>.zip with one top-level folder <name>/ holding exactly
 
     configs/   every file (metadata.json, inference.json, train.json, ..., logging.conf)
-    models/    model.pt only (no model.ts / model.onnx: `make export` rebuilds them; no checkpoints, no runs/)
+    models/    model.pt and any extra weights model_<name>.pt (rem_sr's model_x2.pt); no model.ts /
+               model.onnx (`make export` rebuilds them), no checkpoints, no runs/
     scripts/   the bundle's Python package (no __pycache__)
     docs/      model card, data licence, figures
     LICENSE
@@ -125,6 +126,8 @@ def bundle_files(root: Path) -> list[tuple[Path, str]]:
     if missing:
         raise PackagingError(f"{root}: missing {', '.join(missing)}")
     entries = [(root / rel, rel) for rel in FILES]
+    # extra shipped weights beside model.pt (e.g. rem_sr's per-degradation models/model_x2.pt)
+    entries += [(p, f"models/{p.name}") for p in sorted((root / "models").glob("model_*.pt"))]
     for folder in FOLDERS:
         base = root / folder
         if not base.is_dir():

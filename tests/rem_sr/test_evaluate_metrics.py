@@ -143,17 +143,20 @@ def parsed_evaluate_item(item_id: str, **overrides):
 
 def test_every_compared_method_resolves_to_its_network_weights_and_upsampling():
     methods = parsed_evaluate_item("compare_methods")
-    assert methods == ["nearest", "trilinear", "bspline", "rem"]
-    assert parsed_evaluate_item("compare_grid") == {"eval_scale": [2, 4]}
+    assert methods == ["nearest", "trilinear", "bspline", "rem_general", "rem"]
+    assert parsed_evaluate_item("compare_grid") == {"eval_scale": [2, 4, [1, 1, 4]]}  # x2, x4, 4 mm thick slices
     assert parsed_evaluate_item("method") == "rem" and parsed_evaluate_item("eval_scale") == 4
     for method in methods:
         network = parsed_evaluate_item("network", method=method)
         ckpt = parsed_evaluate_item("ckpt_path", method=method)
         upsampling = parsed_evaluate_item("upsampling", method=method)
-        if method == "rem":
+        if method.startswith("rem"):
             # by name: other test files in this worker may have re-imported the bundle's `scripts` package
             assert type(network).__name__ == "REM" and type(network).__module__ == "scripts.networks"
-            assert ckpt.endswith("models/model.pt")
+            assert ckpt.endswith("models/model.pt")  # x4: no file of its own, the one model
+            for scale, weights in ((2, "model_x2.pt"), ([1, 1, 4], "model.pt"), ([1, 2, 2], "model.pt")):
+                expected = weights if method == "rem" else "model.pt"
+                assert parsed_evaluate_item("ckpt_path", method=method, eval_scale=scale).endswith(expected)
             assert upsampling == "trilinear"
         else:
             assert isinstance(network, torch.nn.Identity) and ckpt is None and upsampling == method
@@ -162,5 +165,5 @@ def test_every_compared_method_resolves_to_its_network_weights_and_upsampling():
 
 def test_unknown_method_is_rejected_clearly():
     checks = load_bundle_scripts("rem_sr", "checks")
-    with pytest.raises(checks.BundleInputError, match="method must be one of nearest, trilinear, bspline, rem"):
+    with pytest.raises(checks.BundleInputError, match="method must be one of nearest, trilinear, bspline, rem_general"):
         parsed_evaluate_item("run#0", method="bicubic")  # the first entry of `run`, before anything is built

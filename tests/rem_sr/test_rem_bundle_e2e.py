@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from tests.helpers import (
-    assert_disjoint_shards_and_rank0_checkpoints,
     ddp_probes,
     load_bundle_scripts,
     rank1_files,
@@ -21,6 +20,7 @@ from tests.helpers import (
 
 TINY_TRAIN = {
     "patch_size": [16, 16, 16],
+    "crop_margin": 4,  # nibabel's anatomical.nii is 25 voxels along z: 16 + 2 * 4 fits
     "batch_size": 2,
     "max_iterations": 4,
     "val_interval": 2,
@@ -52,6 +52,9 @@ def trained(brain_data, tmp_path_factory):
 def test_train_writes_cpu_state_dict_and_logs(trained):
     out, result = trained
     assert "val_psnr" in result.stdout + result.stderr
+    # the training items (3 images + 1 label map) and the validation volume at each of val_degradations (x2, x4,
+    # 1x1x4 thick slices) are cached: CacheDataset's loading bars
+    assert "| 4/4 [" in result.stderr and "| 3/3 [" in result.stderr
     state = torch.load(out / "models" / "model.pt", map_location="cpu", weights_only=True)
     assert all(v.device.type == "cpu" for v in state.values())
     networks = load_bundle_scripts("rem_sr", "networks")
@@ -248,7 +251,19 @@ def test_multi_gpu_train_with_two_gloo_processes(ddp_run, brain_data):
     state = torch.load(ddp_run / "models_rank0" / "model.pt", map_location="cpu", weights_only=True)
     assert not any(k.startswith("module.") for k in state)
     training = json.loads((brain_data / "datalist.json").read_text())["training"]
-    assert_disjoint_shards_and_rank0_checkpoints(ddp_run, {os.path.basename(item["image"]) for item in training})
+    names = {os.path.basename(item.get("image", item.get("labels"))) for item in training}
+    # MONAI's DistributedWeightedRandomSampler: each rank draws, with the mix's weights, from its own shard of the
+    # items, a new shard split every epoch (val_interval = 2 batches): within an epoch the ranks never share an item
+    shards = [(ddp_run / f"shard_rank{r}.txt").read_text().splitlines() for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == TINY_TRAIN["max_iterations"]  # DDP steps in lock-step
+    per_epoch = TINY_TRAIN["val_interval"]
+    for start in range(0, len(shards[0]), per_epoch):
+        seen = [{n for batch in shard[start : start + per_epoch] for n in batch.split("|")} for shard in shards]
+        assert not seen[0] & seen[1], seen
+        assert seen[0] | seen[1] <= names
+    assert (ddp_run / "models_rank0" / "checkpoint_final.pt").is_file()
+    assert any((ddp_run / "logs_rank0").glob("events.out.tfevents*"))
+    assert not list((ddp_run / "logs_rank1").rglob("events.out.tfevents*"))  # TensorBoard on rank 0 only
 
 
 def test_multi_gpu_rank1_writes_no_files(ddp_run):

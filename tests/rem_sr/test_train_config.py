@@ -54,7 +54,7 @@ def test_intensity_augmentation_acts_on_the_hr_volume_before_the_degradation(fla
     # each acts on the HR volume, before it is copied to the target and degraded into the input,
     # so the input and the target always share the contrast
     augmenters = ["RandAdjustContrastd", "RandScaleIntensityd", "RandBiasFieldd"]
-    assert max(names.index(a) for a in augmenters) < names.index("CopyItemsd") < names.index("MultiScaleDegraded")
+    assert max(names.index(a) for a in augmenters) < names.index("CopyItemsd") < names.index("RandDegraded")
     gamma, scale, bias = (transforms[names.index(a)] for a in augmenters)
     assert gamma.prob == pytest.approx(0.7) and gamma.adjuster.gamma == (0.8, 1.2)
     assert scale.prob == pytest.approx(0.4)
@@ -68,7 +68,7 @@ def test_zoom_augmentation_shrinks_the_hr_anatomy_before_the_degradation(flag):
     names = [type(t).__name__ for t in transforms]
     assert "RandAdjustContrastd" not in names  # independent of the intensity augmentation
     zoom = transforms[names.index("RandZoomd")]
-    assert names.index("RandZoomd") < names.index("CopyItemsd") < names.index("MultiScaleDegraded")
+    assert names.index("RandZoomd") < names.index("CopyItemsd") < names.index("RandDegraded")
     assert zoom.prob == pytest.approx(0.6)
     assert (tuple(zoom.rand_zoom.min_zoom), tuple(zoom.rand_zoom.max_zoom)) == ((0.8,), (0.9,))
     # the zoomed volume keeps its new size: anatomy gets denser on the same 1 mm voxel grid
@@ -88,6 +88,7 @@ def _tiny_train(brain_data, tmp_path, check=True, **overrides):
         ["train.json"],
         {
             "patch_size": [16, 16, 16],
+            "crop_margin": 4,
             "batch_size": 1,
             "max_iterations": 1,
             "val_interval": 1,
@@ -117,6 +118,10 @@ def test_train_runs_with_intensity_augmentation_through_the_bundle_runner(brain_
         intensity_augmentation="true",
         zoom_augmentation="true",
         zoom_prob=1.0,
+        # anatomical.nii (25 voxels along z) holds a 16-voxel crop only without margin once zoomed by 0.7; factors
+        # that divide 16 keep the trimmed crop at the patch size
+        crop_margin=0,
+        thick_scales=[2, 4],
     )
     assert "val_psnr" in result.stdout + result.stderr
     assert (tmp_path / "models" / "model.pt").exists()
@@ -152,10 +157,58 @@ def test_zoom_augmentation_needs_volumes_that_hold_a_patch_after_shrinking(brain
         "dataset_dir": str(brain_data),
         "datalist": str(brain_data / "datalist.json"),
         "patch_size": [24, 24, 24],
+        "crop_margin": 0,
     }
-    assert len(training_datalist(**overrides)) == 3
+    assert len(training_datalist(**overrides)) == 4  # 3 images + 1 label map
     with pytest.raises(
         checks.BundleInputError,
         match=r"anatomical_T1w.nii.gz: shape \(33, 41, 25\) is smaller than the minimum \(35, 35, 35\)",
     ):
         training_datalist(zoom_augmentation=True, zoom_range=[0.7, 1.0], **overrides)
+
+
+def test_label_maps_are_synthesised_then_augmented_then_degraded_in_the_order_of_synthsr():
+    transforms = training_transforms(intensity_augmentation=True, elastic_prob=0.3, thick_prob=0.6)
+    names = [type(t).__name__ for t in transforms]
+    order = ["RandWeightedCropd", "Rand3DElasticd", "RandLabelSynthd", "RandAdjustContrastd", "CopyItemsd"]
+    order += ["RandDegraded", "CenterSpatialCropd"]
+    assert [names.index(n) for n in order] == sorted(names.index(n) for n in order)
+    elastic = transforms[names.index("Rand3DElasticd")]
+    assert elastic.prob == pytest.approx(0.3) and list(elastic.mode) == ["nearest"]
+    degrade = transforms[names.index("RandDegraded")]
+    assert degrade.thick_prob == pytest.approx(0.6) and degrade.thick_scales == [2, 3, 4, 5, 6]
+    crop = transforms[names.index("RandWeightedCropd")]
+    assert tuple(crop.cropper.spatial_size) == (84, 84, 84)  # patch 64 + 2 x crop_margin 10
+
+
+def test_validation_covers_every_configured_degradation(brain_data):
+    overrides = {
+        "dataset_dir": str(brain_data),
+        "datalist": str(brain_data / "datalist.json"),
+        "patch_size": [16, 16, 16],
+        "crop_margin": 4,
+    }
+    items = parsed_train_item("validate#datalist", **overrides)
+    assert [i["name"] for i in items] == ["syn2_x2", "syn2_x4", "syn2_1x1x4"]
+    sampler = parsed_train_item("train#sampler", synthetic_fraction=0.25, val_interval=10, batch_size=2, **overrides)
+    weights = sampler.weights.tolist()
+    assert sampler.num_samples == 20 and sum(weights[-1:]) == pytest.approx(0.25)  # the label map is last
+
+
+def test_a_mix_that_needs_label_maps_fails_clearly_without_them(tmp_path):
+    checks = load_bundle_scripts("rem_sr", "checks")
+    import json
+
+    from tests.helpers import save_nifti, synthetic_brain
+
+    image, _ = synthetic_brain((40, 40, 40))
+    save_nifti(image, tmp_path / "a.nii.gz")
+    (tmp_path / "d.json").write_text(json.dumps({"training": [{"image": "a.nii.gz"}], "validation": []}))
+    with pytest.raises((ValueError, checks.BundleInputError), match="no 'labels' items"):
+        parsed_train_item(
+            "train#sampler",
+            dataset_dir=str(tmp_path),
+            datalist=str(tmp_path / "d.json"),
+            patch_size=[16, 16, 16],
+            crop_margin=4,
+        )

@@ -1030,6 +1030,35 @@ if getattr(sys.excepthook, "__name__", "") != "_excepthook":
 
 
 # ------------------------------------------------------------------------------------------------- training
+def attach_time_limit(trainer, seconds: float):
+    """
+    Stop training after ``seconds`` of wall-clock time (ignite's ``TimeLimit``, checked after every iteration);
+    the engine still completes, so the final checkpoint is saved. Used for equal-budget comparisons.
+
+    Args:
+        trainer: the ignite training engine.
+        seconds: the budget in seconds (> 0), counted from this call.
+
+    Returns:
+        the attached ``ignite.handlers.TimeLimit``.
+
+    Raises:
+        BundleInputError: for a budget that is not a positive number.
+    """
+    from ignite.engine import Events
+    from ignite.handlers import TimeLimit
+
+    try:
+        budget = float(seconds)
+    except (TypeError, ValueError):
+        budget = float("nan")
+    if not budget > 0:
+        raise BundleInputError(f"time_limit_s must be a positive number of seconds, got {seconds!r}")
+    handler = TimeLimit(limit_sec=int(np.ceil(budget)))
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, handler)
+    return handler
+
+
 class StepDecayWithFloor:
     """Multiplicative learning-rate factor ``gamma ** (iteration // step)``, never below ``min_lr / base_lr``.
 

@@ -21,11 +21,20 @@ DATA_HINT = "Run `python tools/fetch_sample_data.py` for the sample data."
 
 
 def check_items(
-    items: list[dict], keys: Sequence[str], min_size: int | Sequence[int] = 1, optional_keys: Sequence[str] = ()
+    items: list[dict],
+    keys: Sequence[str],
+    min_size: int | Sequence[int] = 1,
+    optional_keys: Sequence[str] = (),
+    any_of_keys: Sequence[str] = (),
 ) -> list[dict]:
-    """Check every file of every datalist item; returns the items unchanged so configs can chain it."""
+    """Check every file of every datalist item; returns the items unchanged so configs can chain it.
+
+    `keys` must all be present, an item must hold at least one of `any_of_keys` (e.g. a real ``image`` or a
+    ``labels`` map); both are checked with `min_size`, `optional_keys` with any size."""
     for item in items:
-        for key in keys:
+        if any_of_keys and not any(k in item for k in any_of_keys):
+            raise BundleInputError(f"datalist item {item} has none of the entries {list(any_of_keys)}")
+        for key in [*keys, *(k for k in any_of_keys if k in item)]:
             if key not in item:
                 raise BundleInputError(f"datalist item {item} has no '{key}' entry")
             check_volume_file(item[key], min_size)
@@ -44,6 +53,7 @@ def checked_datalist(
     optional_keys: Sequence[str] = (),
     unique_names: bool = False,
     image: str | None = None,
+    any_of_keys: Sequence[str] = (),
 ) -> list[dict]:
     """`load_datalist` + `check_items`, as one callable for configs (``_target_``); or one file (`image`).
 
@@ -58,6 +68,8 @@ def checked_datalist(
         keys: the image keys every item must have, checked with `min_size`.
         min_size: smallest size per spatial axis of the `keys` volumes.
         optional_keys: keys checked when present (any size), e.g. ``reference``.
+        any_of_keys: keys of which every item holds at least one, checked with `min_size` (rem_sr's training
+            items: a real ``image`` or a ``labels`` map).
         unique_names: give each item its own output name.
         image: one volume to process instead of the datalist (``--image path``): a single item
             ``{keys[0]: image}``, checked the same way and named after the file's stem.
@@ -68,5 +80,7 @@ def checked_datalist(
     if image:
         items = check_items([{list(keys)[0]: str(image)}], list(keys)[:1], min_size)
     else:
-        items = check_items(load_datalist(datalist, dataset_dir, section, DATA_HINT), keys, min_size, optional_keys)
+        items = check_items(
+            load_datalist(datalist, dataset_dir, section, DATA_HINT), keys, min_size, optional_keys, any_of_keys
+        )
     return unique_case_names(items, list(keys)[:1]) if unique_names else items

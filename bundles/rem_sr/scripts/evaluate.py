@@ -28,7 +28,7 @@ from monai.utils import MetricReduction
 
 from . import figures
 from .common import BundleInputError, PerCaseMetric, case_name
-from .degradation import downsample
+from .degradation import degradation_label, degradation_text, downsample
 
 __all__ = [
     "MaskedPSNRMetric",
@@ -41,7 +41,13 @@ __all__ = [
     "load_panels",
 ]
 
-METHOD_LABELS = {"nearest": "Nearest", "trilinear": "Trilinear", "bspline": "Cubic B-spline", "rem": "REM"}
+METHOD_LABELS = {
+    "nearest": "Nearest",
+    "trilinear": "Trilinear",
+    "bspline": "Cubic B-spline",
+    "rem_general": "REM, one model",
+    "rem": "REM",
+}
 PANELS_FILE = "figure_panels.npz"
 PLANES = ("axial", "coronal", "sagittal")
 UNITS = "normalised intensity: background 0, 99.5th percentile 1"
@@ -263,19 +269,30 @@ def _volume(x, name: str) -> np.ndarray:
     return v
 
 
-def capture_panels(hr, pred, scale: float, spacing: Sequence[float] | None = None, mask=None) -> dict[str, np.ndarray]:
+def capture_panels(
+    hr,
+    pred,
+    scale: float | Sequence[float],
+    spacing: Sequence[float] | None = None,
+    mask=None,
+    profile: str = "none",
+    gap: float = 0.0,
+) -> dict[str, np.ndarray]:
     """The 2D panels of one case for the figures: the middle axial, coronal and sagittal slices of the HR reference,
     the method's output and the LR input, in the view convention of ``scripts.figures`` (radiological).
 
-    The LR panel is the evaluated LR volume itself, on its own grid (``degradation.downsample(hr, scale)``: the
-    trilinear downscaling every method starts from), sliced at the LR slice that holds the HR slice.
+    The LR panel is the evaluated LR volume itself, on its own grid (``degradation.downsample``: the downscaling
+    every method starts from, with the evaluation's slice profile and gap), sliced at the LR slice that holds the
+    HR slice.
 
     Args:
         hr: the HR reference, [X, Y, Z] or [1, X, Y, Z], RAS-oriented, intensities in the normalised units.
         pred: the method's output on the HR grid, same shape.
-        scale: the degradation factor (2 or 4).
+        scale: the degradation factor (2 or 4), or one per RAS axis (``[1, 1, 4]``: thick slices).
         spacing: the HR voxel size in mm per RAS axis (1 mm when None).
         mask: the brain mask (> 0 inside), same shape as `hr`, or None.
+        profile: the slice profile (``"none"``, ``"gaussian"``, ``"box"``), see ``degradation.downsample``.
+        gap: the slice gap in HR voxels.
 
     Returns:
         ``hr_<plane>``, ``pred_<plane>``, ``lr_<plane>`` (float32 [rows, cols]), ``mask_<plane>`` (uint8, with a
@@ -289,7 +306,9 @@ def capture_panels(hr, pred, scale: float, spacing: Sequence[float] | None = Non
     mask_v = None if mask is None else _volume(mask, "mask") > 0
     if pred_v.shape != hr_v.shape or (mask_v is not None and mask_v.shape != hr_v.shape):
         raise ValueError(f"hr {hr_v.shape}, pred {pred_v.shape} and mask must have the same shape")
-    lr_v = downsample(torch.from_numpy(hr_v)[None], scale)[0].numpy()
+    scales = [float(scale)] * 3 if np.isscalar(scale) else [float(f) for f in scale]
+    thickness = [f - gap if f > 1 else f for f in scales]
+    lr_v = downsample(torch.from_numpy(hr_v)[None], scales, profile, thickness)[0].numpy()
     spacing = np.ones(3) if spacing is None else np.asarray(spacing, dtype=float)
     panels: dict[str, np.ndarray] = {
         "spacing": spacing,
@@ -329,6 +348,7 @@ def load_panels(path: str | Path) -> dict:
         raise BundleInputError(f"{path}: not a figure-panels archive (no {', '.join(missing)})")
     for key in ("case", "method", "region"):
         data[key] = str(data.get(key, ""))
+    data["degradation"] = str(data.get("degradation", "")) or f"x{float(data['scale']):g} coarser"
     for key in ("scale", "psnr", "ssim"):
         data[key] = float(data[key])
     return data
@@ -451,13 +471,13 @@ def comparison_figure(
     methods = list(data)
     first = data[methods[0]]
     for m in methods[1:]:
-        same = [first[k] == data[m][k] for k in ("case", "scale")] + [
+        same = [first[k] == data[m][k] for k in ("case", "scale", "degradation")] + [
             np.array_equal(first[k], data[m][k]) for k in ("hr_shape", *(f"index_{p}" for p in planes))
         ]
         if not all(same):
             raise BundleInputError(
-                f"{files[m]} ({data[m]['case']}, x{data[m]['scale']:g}) and {files[methods[0]]} ({first['case']}, "
-                f"x{first['scale']:g}) show different cases, scales or slices; compare runs of one evaluation"
+                f"{files[m]} ({data[m]['case']}, {data[m]['degradation']}) and {files[methods[0]]} ({first['case']}, "
+                f"{first['degradation']}) show different cases, scales or slices; compare runs of one evaluation"
             )
     for plane in planes:
         if f"hr_{plane}" not in first:
@@ -470,7 +490,7 @@ def comparison_figure(
         pooled = np.concatenate(errors)
         error_max = _nice_ceiling(float(np.percentile(pooled, error_percentile)) if pooled.size else 1.0)
 
-    scale, n_cols, width = first["scale"], len(methods) + 2, 2.35
+    n_cols, width = len(methods) + 2, 2.35
     boxes = {plane: _box(first, plane) for plane in planes}
     rows = [(plane, kind) for plane in planes for kind in ("image", "error")]
     if detail is not None:
@@ -534,7 +554,7 @@ def comparison_figure(
                 row[c].set_title(METHOD_LABELS.get(m, m), fontsize=10)
             continue
         row[0].set_ylabel(where, fontsize=10)
-        row[0].set_title(f"LR input, x{scale:g} coarser\n{lr_shape} at {lr_mm} mm", fontsize=10)
+        row[0].set_title(f"LR input, {first['degradation']}\n{lr_shape} at {lr_mm} mm", fontsize=10)
         row[-1].set_title("HR reference\n(ground truth)", fontsize=10)
         for c, m in enumerate(methods, start=1):
             row[c].set_title(
@@ -548,8 +568,8 @@ def comparison_figure(
             row[-1].add_patch(rect)
     region = first.get("region") or "inside the brain mask"
     lines = [
-        f"{first['case']}: x{scale:g} super-resolution, the same slices for every method (radiological view: the "
-        "patient's right on the image's left)",
+        f"{first['case']}: super-resolution of {first['degradation']} input, the same slices for every method "
+        "(radiological view: the patient's right on the image's left)",
         f"titles: PSNR and SSIM of this case {region}; under each image row its absolute error |method - HR|",
     ]
     if detail:
@@ -570,7 +590,10 @@ class SRFigureHandler:
     Args:
         output_dir: the folder of the figure and the panels.
         method: the evaluated method (``nearest``, ``trilinear``, ``bspline`` or ``rem``), for the title and name.
-        scale: the degradation factor (2 or 4), for the title and the name; also the LR panel's factor.
+        scale: the degradation factor (2 or 4) or one per RAS axis (``[1, 1, 4]``), for the title and the name
+            (``degradation.degradation_label``); also the LR panel's factor.
+        profile: the slice profile of the evaluation (``"auto"``: none for an isotropic scale, Gaussian otherwise).
+        gap: the slice gap in HR voxels.
         psnr_key, ssim_key: the metrics shown in the title; fallbacks ``psnr``/``ssim`` when the case has no mask.
         error_max: the upper end of the error map's colour scale (normalised intensity units; the volumes are in
             [0, 1]).
@@ -580,22 +603,29 @@ class SRFigureHandler:
         self,
         output_dir: str,
         method: str,
-        scale: float,
+        scale: float | Sequence[float],
         psnr_key: str = "psnr_brain",
         ssim_key: str = "ssim_brain",
         error_max: float = 0.2,
+        profile: str = "auto",
+        gap: float = 0.0,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.method = str(method)
-        self.scale = float(scale)
+        self.scales = [float(scale)] * 3 if np.isscalar(scale) else [float(f) for f in scale]
+        self.scale = max(self.scales)
+        self.profile = profile if profile != "auto" else ("none" if np.isscalar(scale) else "gaussian")
+        self.gap = float(gap)
+        self.label = degradation_label(scale, profile, gap)
+        self.text = degradation_text(scale, profile, gap)
         self.psnr_key, self.ssim_key = psnr_key, ssim_key
         self.error_max = error_max
         self._first: dict | None = None
 
     @property
     def filename(self) -> str:
-        """``sr_<method>_x<scale>.png``, e.g. ``sr_rem_x4.png``."""
-        return f"sr_{self.method}_x{self.scale:g}.png"
+        """``sr_<method>_<degradation>.png``, e.g. ``sr_rem_x4.png``, ``sr_rem_1x1x4.png``."""
+        return f"sr_{self.method}_{self.label}.png"
 
     def attach(self, engine: Engine) -> None:
         """Keep the first case's panels at its iteration and save the figure and panels at the end of the epoch."""
@@ -621,9 +651,11 @@ class SRFigureHandler:
             "panels": capture_panels(
                 first["label"],
                 first["pred"],
-                self.scale,
+                self.scales,
                 spacing=_spacing_of(first["label"], item.get("label"), item.get("image")),
                 mask=mask,
+                profile=self.profile,
+                gap=self.gap,
             ),
         }
 
@@ -656,6 +688,7 @@ class SRFigureHandler:
             case=self._first["case"],
             method=self.method,
             scale=self.scale,
+            degradation=self.text,
             region=region,
             psnr=psnr,
             ssim=ssim,
@@ -663,7 +696,7 @@ class SRFigureHandler:
         label = METHOD_LABELS.get(self.method, self.method)
         lr_shape = "x".join(str(int(n)) for n in panels["lr_shape"])
         columns = [
-            (f"LR input, x{self.scale:g} coarser\n{lr_shape} voxels", "lr", "gray", 1.0),
+            (f"LR input, {self.text}\n{lr_shape} voxels", "lr", "gray", 1.0),
             (f"{label}\n{_metric_text(psnr, ssim)}", "pred", "gray", 1.0),
             ("HR reference", "hr", "gray", 1.0),
             (f"|{label} - HR|", "error", "magma", self.error_max),
@@ -693,7 +726,7 @@ class SRFigureHandler:
                     axes[row][col].set_ylabel(f"{plane} slice {int(panels[f'index_{plane}'])}", fontsize=10)
             fig.colorbar(shown, ax=axes[row][-1], shrink=0.9).ax.tick_params(labelsize=8)
         fig.suptitle(
-            f"{self._first['case']}: {label} x{self.scale:g}; PSNR / SSIM {region}\n"
+            f"{self._first['case']}: {label}, {self.text}; PSNR / SSIM {region}\n"
             f"error colour scale 0 to {self.error_max:g} ({UNITS})",
             fontsize=11,
         )

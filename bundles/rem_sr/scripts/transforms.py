@@ -13,6 +13,7 @@ import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Resize
@@ -100,6 +101,9 @@ class UpsampleToTargetd(MapTransform):
         warn_bytes: warn when the float32 output array is larger than this (bytes).
         report: print the line per case (and the warning).
         allow_missing_keys: don't raise an exception when a key is missing.
+        zoom_key: when set, the zoom factors of the (last) upsampled key are written to ``data[zoom_key]`` (float32
+            tensor [3], 1 for an axis left alone), for ``scripts.input_weights`` to pick REM's weights for the kind of
+            input.
 
     Raises:
         BundleInputError: (a ``ValueError``) when neither ``scale`` nor ``target_spacing`` is given, ``scale`` is not
@@ -118,8 +122,10 @@ class UpsampleToTargetd(MapTransform):
         warn_bytes: float = 2**30,
         report: bool = True,
         allow_missing_keys: bool = False,
+        zoom_key: str | None = None,
     ):
         super().__init__(keys, allow_missing_keys)
+        self.zoom_key = zoom_key
         if scale is None and target_spacing is None:
             raise BundleInputError("set either `scale` or `target_spacing` for the upsampling")
         self.target_spacing = None
@@ -264,4 +270,6 @@ class UpsampleToTargetd(MapTransform):
                     print(warning, file=sys.stderr, flush=True)
             if size != [int(s) for s in d[key].shape[1:4]]:
                 d[key] = Resize(spatial_size=size, mode="trilinear", align_corners=False)(d[key])
+            if self.zoom_key:
+                d[self.zoom_key] = torch.as_tensor([float(z) for z in zoom], dtype=torch.float32)
         return d
