@@ -15,7 +15,7 @@ PEERS_STAMP := $(PEERS_VENV)/.installed
 ECLARE_VENV := .venv-eclare
 ECLARE_STAMP := $(ECLARE_VENV)/.installed
 
-.PHONY: demo test lint format verify export package deploy-venv test-deploy peers-venv eclare-venv test-peers benchmark profile memory data pairs sr-data phantoms train-rem evaluate-rem evaluate-refdrn evaluate-f3rnet clean
+.PHONY: demo test lint format verify export package deploy-venv test-deploy peers-venv eclare-venv test-peers benchmark profile memory data pairs sr-data synth-pairs phantoms synth-phantoms train-rem evaluate-rem evaluate-refdrn evaluate-f3rnet generalisation clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-optional.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,16 @@ phantoms: $(STAMP)
 # rem_sr's training mix: real label maps for the on-the-fly synthesis and synthetic validation volumes
 sr-data: pairs
 	$(PY) tools/make_sr_training_data.py
+
+# SynthMorph-style registration data (issue: networks that generalise): brain pairs synthesised from the label maps
+# (training family + a held-out family), and the abdominal phantom generator's random and held-out families
+synth-pairs: sr-data
+	$(PY) tools/make_synth_brain_pairs.py --family train
+	$(PY) tools/make_synth_brain_pairs.py --family heldout
+
+synth-phantoms: $(STAMP)
+	$(PY) tools/make_abdomen_phantoms.py --family random --n-subjects 36 --out data/abdomen_phantoms_random
+	$(PY) tools/make_abdomen_phantoms.py --family heldout --test-only --n-subjects 6 --out data/abdomen_phantoms_heldout
 
 demo: data
 	$(PY) -m monai.bundle run --config_file bundles/rem_sr/configs/inference.json \
@@ -113,6 +123,13 @@ evaluate-refdrn: pairs
 
 evaluate-f3rnet: phantoms
 	$(COMPARE) f3rnet_ct_mri
+
+# each registration network alone on its real/sample test set, the training generator's test set and the held-out
+# generator family (tools/generalisation.py); CARD=1 fills the cards
+generalisation: synth-pairs phantoms synth-phantoms
+	$(PY) tools/generalisation.py refdrn --threads $(THREADS) $(if $(CARD),--card)
+	$(PY) tools/generalisation.py f3rnet_ct_mri --threads $(THREADS) $(if $(CARD),--card)
+	$(PY) tools/generalisation.py f3rnet_ct_mri --set direction=mri2ct --output_dir outputs/generalisation/f3rnet_ct_mri_mri2ct --threads $(THREADS)
 
 # the bundles against elastix and ANTs on the same pairs (tools/benchmark.py); the peers come from .venv-peers
 # (`make peers-venv`; without it elastix runs in .venv and ANTs is skipped). THREADS: threads of every method.

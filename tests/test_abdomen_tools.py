@@ -299,3 +299,95 @@ def test_learn2reg_resample_and_crop_keep_world_coordinates():
     weights = cropped / cropped.sum()
     centroid = np.indices(cropped.shape).reshape(3, -1) @ weights.ravel()
     assert np.allclose((crop_affine @ np.r_[centroid, 1])[:3], world_centroid(data > 0.5, affine), atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# generator families: "random" (training variety) and "heldout" (what "random" never produces)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def family_subjects():
+    return {
+        family: [phantoms.make_subject(np.random.default_rng([0, i]), SHAPE, family) for i in range(4)]
+        for family in ("random", "heldout")
+    }
+
+
+def _jacobian_det_min(disp):
+    grads = [np.gradient(disp[i]) for i in range(3)]
+    jac = np.stack([np.stack([grads[i][j] + (i == j) for j in range(3)], -1) for i in range(3)], -2)
+    return np.linalg.det(jac).min()
+
+
+@pytest.mark.parametrize("family", ["random", "heldout"])
+def test_family_pairs_are_valid(family_subjects, family):
+    for s in family_subjects[family]:
+        shape = s["ct"].shape
+        assert s["mr"].shape == s["ct_label"].shape == s["mr_label"].shape == shape
+        assert s["displacement"].shape == (3,) + shape
+        # the labels follow the images under the known warp, and every organ is there in both images
+        assert np.array_equal(phantoms.warp(s["ct_label"], s["displacement"], order=0), s["mr_label"])
+        assert set(np.unique(s["ct_label"])) == set(np.unique(s["mr_label"])) == {0, 1, 2, 3, 4}
+        assert _jacobian_det_min(s["displacement"]) > 0
+        assert np.isfinite(s["mr"]).all() and s["mr"].min() >= 0
+
+
+def test_random_family_varies_grids_contrast_and_motion(family_subjects):
+    subjects = family_subjects["random"]
+    shapes = {s["ct"].shape for s in subjects}
+    assert len(shapes) > 1 and all(n % 16 == 0 for shape in shapes for n in shape)
+    # MR contrast drawn per tissue: the liver/spleen order flips between subjects, never on the default table
+    order = [np.median(s["mr"][s["mr_label"] == 1]) > np.median(s["mr"][s["mr_label"] == 2]) for s in subjects]
+    more = [phantoms.make_subject(np.random.default_rng([5, i]), SHAPE, "random") for i in range(6)]
+    order += [np.median(s["mr"][s["mr_label"] == 1]) > np.median(s["mr"][s["mr_label"] == 2]) for s in more]
+    assert any(order) and not all(order)
+    # CT stays non-contrast: the liver's interior within 25 HU (+ noise) of its 60 HU
+    for s in subjects + more:
+        assert 25 < np.median(s["ct"][ndimage.binary_erosion(s["ct_label"] == 1, iterations=2)]) < 95
+    # voxel spacings: half of the subjects at 1 mm, the others coarser (the same field of view on fewer voxels)
+    spacings = [s["spacing"] for s in subjects + more]
+    assert any(sp == (1.0, 1.0, 1.0) for sp in spacings) and any(min(sp) > 1.05 for sp in spacings)
+    assert all(1.0 <= x <= 2.6 for sp in spacings for x in sp)
+    largest = [np.sqrt((s["displacement"] ** 2).sum(0)).max() for s in subjects + more]
+    assert max(largest) / min(largest) > 1.5  # deformation magnitudes vary
+
+
+def test_heldout_family_is_outside_the_random_one(family_subjects):
+    for s in family_subjects["heldout"]:
+        # contrast-enhanced CT: liver and renal cortex far above anything the random family draws
+        assert np.median(s["ct"][ndimage.binary_erosion(s["ct_label"] == 1, iterations=2)]) > 95
+        assert np.percentile(s["ct"][s["ct_label"] == 3], 90) > 120
+    # superellipsoid organs: an exponent-4 organ fills more of its bounding box than an ellipsoid (0.52)
+    rng = np.random.default_rng(0)
+    u, v, w = phantoms.normalised_axes((64, 64, 64))
+    for exponent, low, high in ((2.0, 0.45, 0.58), (4.0, 0.7, 0.9)):
+        organ = phantoms.Organ(rng, (0, 0, 0), (0.5, 0.5, 0.5), (0, 0, 0), 0, 0, 0, 0, exponent=exponent)
+        inside = organ.field(u, v, w) < 0
+        box = inside[16:48, 16:48, 16:48]
+        assert low < box.mean() < high, (exponent, box.mean())
+
+
+def test_family_cli_and_test_only_datalist(tmp_path):
+    out = tmp_path / "heldout"
+    argv = ["--out", str(out), "--n-subjects", "2", "--shape", *map(str, SHAPE), "--family", "heldout", "--test-only"]
+    assert phantoms.main(argv) == 0
+    datalist = json.loads((out / "datalist_ct2mri.json").read_text())
+    assert datalist["family"] == "heldout"
+    assert [len(datalist[k]) for k in ("training", "validation", "test")] == [0, 0, 2]
+    out = tmp_path / "random"
+    assert (
+        phantoms.main(["--out", str(out), "--n-subjects", "3", "--shape", *map(str, SHAPE), "--family", "random"]) == 0
+    )
+    datalist = json.loads((out / "datalist_mri2ct.json").read_text())
+    assert datalist["spatial_shape"] is None
+    for item in datalist["training"] + datalist["validation"] + datalist["test"]:
+        image = nib.load(str(out / item["fixed_image"]))
+        label = nib.load(str(out / item["fixed_label"]))
+        assert image.shape == label.shape and np.allclose(image.affine, label.affine)
+        case = int(item["name"].removeprefix("case"))
+        spacing = phantoms.make_subject(np.random.default_rng([0, case]), SHAPE, "random")["spacing"]
+        assert np.allclose(image.header.get_zooms()[:3], spacing)  # the drawn spacing is in the header
+        assert np.allclose(image.affine @ [*((np.array(image.shape) - 1) / 2), 1], [0, 0, 0, 1])
+    with pytest.raises(ValueError, match="family must be one of"):
+        phantoms.make_subject(np.random.default_rng(0), SHAPE, "other")

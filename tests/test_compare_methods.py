@@ -94,3 +94,33 @@ def test_linear_bound_tool_prints_one_row_per_input(brain_data, capsys):
     assert [r[0].strip() for r in rows] == ["x2", "x4", "1x1x4"]
     trilinear, own, joint = (float(rows[0][i]) for i in (1, 3, 4))
     assert own > trilinear and joint > 0
+
+
+def test_generalisation_gains_and_ratio():
+    from tools import generalisation
+
+    entry = lambda d: {"dice": {"mean": d}}  # noqa: E731
+    results = {
+        "in": {"identity": entry(0.5), "a": entry(0.7), "b": "not trained"},
+        "out": {"identity": entry(0.4), "a": entry(0.5), "b": "not trained"},
+    }
+    table = generalisation.gains(results, ["identity", "a", "b"], ["in", "out"], "in", "out")
+    assert table["a"]["in"]["gain"] == pytest.approx(0.2) and table["a"]["out"]["gain"] == pytest.approx(0.1)
+    assert table["a"]["ratio"] == pytest.approx(0.5)
+    assert table["b"]["ratio"] is None and table["b"]["in"]["dice"] is None
+    assert table["identity"]["ratio"] is None  # no gain over itself
+    text = generalisation.markdown(table, ["identity", "a", "b"], ["in", "out"], {"in": "training family"}, "cmd")
+    assert "| method | training family | out | held-out gain / in-distribution gain |" in text
+    assert "| a | 0.7000 (+0.2000) | 0.5000 (+0.1000) | 0.50 |" in text
+    assert "| b | not trained | not trained | n/a |" in text
+
+
+@pytest.mark.parametrize("bundle_name", ["refdrn", "f3rnet_ct_mri"])
+def test_generalisation_spec_names_known_methods_and_sets(bundle_name):
+    from tools import compare_methods
+
+    root = compare_methods.ROOT / "bundles" / bundle_name
+    spec, defined, weights = compare_methods.resolve(root, {}, "generalisation", "methods", "method_weights")
+    assert spec["in_distribution"] in spec["sets"] and spec["heldout"] in spec["sets"]
+    # every network of the table is a method evaluate.json defines (refdrn: methods; f3rnet: method_weights)
+    assert spec["methods"][0] == "identity" and set(spec["methods"]) <= set(defined or weights)

@@ -172,11 +172,13 @@ def test_refdrn_zip_declares_rem_sr_and_both_work_side_by_side(copies, tmp_path)
     refdrn_zip = tmp_path / "out" / f"refdrn_v{version(copies / 'refdrn')}.zip"
     with zipfile.ZipFile(refdrn_zip) as zf:
         meta = json.loads(zf.read("refdrn/configs/metadata.json"))
-        assert not [
-            n
-            for n in zf.namelist()
-            if n.startswith("refdrn/models/") and n.endswith(".pt") and n != "refdrn/models/model.pt"
-        ]
+        # refdrn's own weights only (model.pt, backbone_x4.pt): REM's weights are never copied in, they come from
+        # the rem_sr dependency
+        packed = {n for n in zf.namelist() if n.startswith("refdrn/models/") and n.endswith(".pt")}
+        own = {f"refdrn/models/{p.name}" for p in (copies / "refdrn" / "models").glob("*.pt")}
+        assert packed == own and "refdrn/models/model.pt" in packed
+        rem_bytes = (copies / "rem_sr" / "models" / "model.pt").read_bytes()
+        assert all(zf.read(n) != rem_bytes for n in packed)
     assert meta["bundle_dependencies"] == {"rem_sr": rem_version}
     info = json.loads((tmp_path / "out" / "model_info.json").read_text())
     assert set(info) == {f"rem_sr_v{rem_version}", refdrn_zip.stem}
@@ -311,3 +313,17 @@ def test_f3rnet_zip_runs_its_shipped_weights_after_unpacking_elsewhere(tmp_path)
     ddf = nib.load(str(work / "out" / "case003" / "case003_ddf.nii.gz"))  # named by the datalist item's name
     assert ddf.shape[:3] == shape and ddf.shape[-1] == 3
     assert np.isfinite(np.asarray(ddf.dataobj)).all()
+
+
+@pytest.mark.parametrize("bundle", ["refdrn", "f3rnet_ct_mri"])
+def test_every_shipped_weights_file_is_packaged(bundle):
+    """bundle_files: models/model.pt and every other shipped weights file (refdrn's backbone_x4.pt and rows of its
+    table, f3rnet's other directions and variants), never checkpoints or exports."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from tools.package import bundle_files
+
+    root = BUNDLES / bundle
+    packaged = {rel for _, rel in bundle_files(root)}
+    shipped = {f"models/{p.name}" for p in (root / "models").glob("*.pt") if not p.name.startswith("checkpoint")}
+    assert shipped <= packaged and "models/model.pt" in packaged
+    assert not [rel for rel in packaged if rel.endswith((".ts", ".onnx")) or "/runs/" in rel]

@@ -1,7 +1,7 @@
 """Issue 13, kind 6: silent fall-backs.
 
 - a missing model for the chosen direction or variant (f3rnet_ct_mri) is an error that says what to pass, instead of
-  running the CT->MRI weights (the only ones shipped) for ``--direction mri2ct``;
+  running the CT->MRI weights for ``--direction mri2ct`` (then the only ones shipped);
 - an unknown override key (``--scael 2``) is an error listing the close matches, instead of a run at the default;
 - ``--target_spacing`` rounds grid sizes to the nearest integer (a float32-inexact or oblique header gave 39x39x59
   for 40x40x60) and leaves an axis already at the target spacing unchanged; refdrn's ``--scale`` rounds likewise.
@@ -78,33 +78,34 @@ def _missing_weights_message(direction: str, variant: str, key: str = "ckpt_path
 
 
 def test_f3rnet_mri2ct_without_its_weights_is_an_error_that_says_what_to_pass(tmp_path):
-    """The issue's example, on the command line: --direction mri2ct no longer runs the CT->MRI weights."""
+    """On the command line: --direction mri2ct never runs CT->MRI weights; a variant whose MRI->CT weights are not
+    shipped (encoder) is an error naming the file and the training command."""
     result = run_bundle(
         "f3rnet_ct_mri",
         ["inference.json"],
-        {"direction": "mri2ct", "output_dir": str(tmp_path / "out")},
+        {"direction": "mri2ct", "variant": "encoder", "output_dir": str(tmp_path / "out")},
         check=False,
     )
     assert result.returncode != 0
-    assert _missing_weights_message("mri2ct", "none") in _last_line(result.stderr)
+    assert _missing_weights_message("mri2ct", "encoder") in _last_line(result.stderr)
     assert not list((tmp_path / "out").rglob("*.nii.gz"))
 
 
 def test_f3rnet_variant_without_its_weights_is_an_error_that_says_what_to_pass(tmp_path):
-    """Another instance: --variant all (CT->MRI) looked for models/model.pt; now for model_all.pt, which is not
-    shipped; and evaluate.json's --direction mri2ct names the method's weights key."""
+    """Another instance: --variant fr (CT->MRI) looks for model_fr.pt, which is not shipped (not models/model.pt);
+    and evaluate.json's --direction mri2ct names the method's weights key."""
     with pytest.raises(Exception) as err:
-        _run_in_process("f3rnet_ct_mri", ["inference.json"], variant="all", output_dir=str(tmp_path / "a"))
-    assert _bundle_error(err.value) == _missing_weights_message("ct2mri", "all")
+        _run_in_process("f3rnet_ct_mri", ["inference.json"], variant="fr", output_dir=str(tmp_path / "a"))
+    assert _bundle_error(err.value) == _missing_weights_message("ct2mri", "fr")
     with pytest.raises(Exception) as err:
         _run_in_process(
             "f3rnet_ct_mri",
             ["train.json", "evaluate.json"],
             direction="mri2ct",
-            method="none",
+            method="decoder",
             output_dir=str(tmp_path / "b"),
         )
-    assert _bundle_error(err.value) == _missing_weights_message("mri2ct", "none", key="method_weights#none")
+    assert _bundle_error(err.value) == _missing_weights_message("mri2ct", "decoder", key="method_weights#decoder")
 
 
 @pytest.mark.parametrize("direction", ["ct2mri", "mri2ct"])

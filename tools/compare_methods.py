@@ -250,11 +250,15 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
         overrides[key] = parse_value(value)
-    all_methods, grid, default_method = resolve(bundle_root, overrides, "compare_methods", "compare_grid", "method")
+    all_methods, grid, default_method, general = resolve(
+        bundle_root, overrides, "compare_methods", "compare_grid", "method", "generalisation"
+    )
     methods = list(args.methods or all_methods or [default_method])
-    unknown = [m for m in methods if all_methods and m not in all_methods]
+    # the generalisation table's networks (tools/generalisation.py) are methods too, even outside the card's table
+    known = list(all_methods or []) + [m for m in (general or {}).get("methods", []) if m not in (all_methods or [])]
+    unknown = [m for m in methods if all_methods and m not in known]
     if unknown:
-        raise SystemExit(f"error: unknown method(s) {unknown}; {bundle_root.name} compares {list(all_methods)}")
+        raise SystemExit(f"error: unknown method(s) {unknown}; {bundle_root.name} compares {known}")
     out_dir = (args.output_dir or ROOT / "outputs" / "compare" / bundle_root.name).resolve()
     env = dict(os.environ)
     if args.threads:
@@ -265,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         label = point_label(point)
         results[label] = {}
         for method in methods:
-            run_overrides = {**overrides, **point, "method": method}
+            # compare_grid is this tool's setting (it may be given with --set for a bundle that has none): not a run's
+            run_overrides = {**{k: v for k, v in overrides.items() if k != "compare_grid"}, **point, "method": method}
             (ckpt,) = resolve(bundle_root, run_overrides, "ckpt_path")
             if ckpt and not Path(ckpt).is_file():
                 print(f"[{label}] {method}: {NOT_TRAINED} ({ckpt} does not exist)")

@@ -76,6 +76,51 @@ GLOBAL_MAX_DISPLACEMENT_MM = (5.0, 7.0)
 LIVER_WEIGHT_DILATION = 1.0  # times the liver's displacement
 TWIST_STRENGTH = 2.0  # local twists of the liver relative to its translation
 
+# Generator families (``--family``). "default" is the original generator, bit for bit. "random" widens every
+# draw for SynthMorph-style training variety (Hoffmann et al., "SynthMorph: learning contrast-invariant
+# registration without acquired images"): organ positions, sizes, orientations and surface ripples, body outline,
+# grid size, HU tables, MR contrast drawn at random per tissue, texture, partial volume, noise, bias, and the
+# deformation's magnitude and kind (a rigid part). "heldout" is a family the "random" generator never produces,
+# for testing generalisation: superellipsoid (boxy) organs (exponent 3.5-5; "random" draws ellipsoids only),
+# portal-venous contrast-enhanced CT (liver ~110 HU, renal cortex ~180 HU: "random" draws within 25 HU of the
+# non-contrast table) and a T2-weighted MR table.
+FAMILIES = ("default", "random", "heldout")
+MIN_ORGAN_FRACTION = 0.001  # of the volume, for every organ of the "random" and "heldout" families
+# grid sizes of the "random" family (1 mm voxels; multiples of 16, the network's size unit)
+RANDOM_SHAPES = ((112, 128, 144, 160), (112, 128, 144, 160), (96, 112, 128, 144))
+# portal-venous CT (HU) of the "heldout" family, for the tissues that enhance; the rest keep TISSUES
+ENHANCED_CT_HU = {
+    "liver": 110,
+    "spleen": 120,
+    "kidney cortex R": 180,
+    "kidney medulla R": 140,
+    "kidney cortex L": 180,
+    "kidney medulla L": 140,
+    "bowel wall": 90,
+    "blood vessel": 170,
+}
+# T2-weighted MR (a.u.) of the "heldout" family: fluid bright, liver dark, spleen and kidneys bright
+T2_MR = {
+    "air": 0,
+    "subcutaneous fat": 650,
+    "visceral fat": 600,
+    "muscle": 180,
+    "liver": 230,
+    "spleen": 560,
+    "kidney cortex R": 520,
+    "kidney medulla R": 720,
+    "kidney cortex L": 520,
+    "kidney medulla L": 720,
+    "bowel wall": 300,
+    "bowel content": 900,
+    "bowel gas": 30,
+    "vertebral marrow": 420,
+    "cortical bone": 50,
+    "disc": 650,
+    "spinal canal": 1000,
+    "blood vessel": 80,
+}
+
 # Tissue classes of the anatomy map. Columns: CT mean (HU), CT texture amplitude (HU),
 # MR T1 mean (a.u.), MR texture amplitude (a.u.). CT is non-contrast; on T1, fat is brightest,
 # the liver is brighter than the spleen, the renal cortex brighter than the medulla, cortical bone,
@@ -179,6 +224,7 @@ class Organ:
         angle_jitter=12.0,
         ripple_amp=0.08,
         taper: float = 0.0,
+        exponent: float = 2.0,
     ):
         self.centre = np.asarray(centre, np.float32) + rng.uniform(-jitter, jitter, 3).astype(np.float32)
         self.radii = np.asarray(radii, np.float32) * rng.uniform(1 - size_jitter, 1 + size_jitter, 3).astype(np.float32)
@@ -186,6 +232,7 @@ class Organ:
         self.rot = rotation(angles)
         self.ripples = random_ripples(rng, 4, ripple_amp, (1.5, 3.5))
         self.taper = taper
+        self.exponent = float(exponent)
 
     def local(self, u, v, w):
         du, dv, dw = u - self.centre[0], v - self.centre[1], w - self.centre[2]
@@ -199,7 +246,11 @@ class Organ:
 
     def field(self, u, v, w) -> np.ndarray:
         q = self.local(u, v, w)
-        radius = np.sqrt(q[0] ** 2 + q[1] ** 2 + q[2] ** 2)
+        if self.exponent == 2.0:
+            radius = np.sqrt(q[0] ** 2 + q[1] ** 2 + q[2] ** 2)
+        else:  # a superellipsoid: boxier as the exponent grows
+            p = self.exponent
+            radius = (np.abs(q[0]) ** p + np.abs(q[1]) ** p + np.abs(q[2]) ** p) ** (1 / p)
         return radius - 1 - eval_ripples(self.ripples, q)
 
     def box(self, shape, margin: float = 1.6) -> tuple[slice, slice, slice]:
@@ -238,13 +289,30 @@ def resize(a: np.ndarray, shape, order: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 
 
-def make_anatomy(rng: np.random.Generator, shape) -> np.ndarray:
-    """A random abdomen as a uint8 tissue-class map (indices into TISSUES)."""
+def organ_variety(rng: np.random.Generator, family: str) -> dict:
+    """Extra keyword arguments of :class:`Organ` for a generator family (none for "default")."""
+    if family == "random":
+        return {
+            "jitter": 0.06,
+            "size_jitter": 0.2,
+            "angle_jitter": 20.0,
+            "ripple_amp": float(rng.uniform(0.04, 0.16)),
+        }
+    if family == "heldout":
+        return {"exponent": float(rng.uniform(3.5, 5.0)), "ripple_amp": 0.03}
+    return {}
+
+
+def make_anatomy(rng: np.random.Generator, shape, family: str = "default") -> np.ndarray:
+    """A random abdomen as a uint8 tissue-class map (indices into TISSUES), from generator `family`."""
     u, v, w = normalised_axes(shape)
     tissue = np.zeros(shape, np.uint8)
 
     # body outline: an ellipse in the axial plane, slowly varying along z, with a rippled edge
-    a_u, a_v = rng.uniform(0.86, 0.95), rng.uniform(0.68, 0.76)
+    if family == "random":
+        a_u, a_v = rng.uniform(0.82, 0.97), rng.uniform(0.64, 0.80)
+    else:
+        a_u, a_v = rng.uniform(0.86, 0.95), rng.uniform(0.68, 0.76)
     v0 = rng.uniform(0.0, 0.04)
     taper_z = rng.uniform(-0.05, 0.05)
     theta = np.arctan2(v - v0, u)
@@ -306,7 +374,8 @@ def make_anatomy(rng: np.random.Generator, shape) -> np.ndarray:
     for side, (cortex, medulla) in ((1, (KID_R_CORTEX, KID_R_MEDULLA)), (-1, (KID_L_CORTEX, KID_L_MEDULLA))):
         # right kidney (side +1) sits lower than the left; upper poles tilt medially, hilum faces anteromedially
         centre = (side * 0.38 + su, -0.37, -0.18 if side > 0 else -0.06)
-        kidney = Organ(rng, centre, (0.13, 0.11, 0.3), (0, -side * 12, -side * 20), ripple_amp=0.04)
+        variety = {"ripple_amp": 0.04, **organ_variety(rng, family)}
+        kidney = Organ(rng, centre, (0.13, 0.11, 0.3), (0, -side * 12, -side * 20), **variety)
         box = kidney.box(shape)
         q = kidney.local(u[box[0]], v[:, box[1]], w[:, :, box[2]])
         field = kidney.field(u[box[0]], v[:, box[1]], w[:, :, box[2]])
@@ -323,11 +392,16 @@ def make_anatomy(rng: np.random.Generator, shape) -> np.ndarray:
         (0.27, 0.0, 0.25),
         (0.52, 0.45, 0.48),
         (0, 0, -10),
-        size_jitter=0.1,
-        ripple_amp=0.07,
         taper=rng.uniform(0.45, 0.6),
+        **{"size_jitter": 0.1, "ripple_amp": 0.07, **organ_variety(rng, family)},
     )
-    spleen = Organ(rng, (-0.6, -0.25, 0.35), (0.13, 0.27, 0.29), (0, 0, 35), size_jitter=0.12, ripple_amp=0.06)
+    spleen = Organ(
+        rng,
+        (-0.6, -0.25, 0.35),
+        (0.13, 0.27, 0.29),
+        (0, 0, 35),
+        **{"size_jitter": 0.12, "ripple_amp": 0.06, **organ_variety(rng, family)},
+    )
     for organ, code in ((liver, LIVER), (spleen, SPLEEN)):
         box = organ.box(shape)
         field = organ.field(u[box[0]], v[:, box[1]], w[:, :, box[2]])
@@ -347,7 +421,13 @@ def shape_scale(shape) -> float:
 
 
 def make_displacement(
-    rng: np.random.Generator, shape, liver_mask: np.ndarray, exclude_masks: tuple[np.ndarray, ...] = ()
+    rng: np.random.Generator,
+    shape,
+    liver_mask: np.ndarray,
+    exclude_masks: tuple[np.ndarray, ...] = (),
+    liver_mm: tuple[float, float] = LIVER_MAX_DISPLACEMENT_MM,
+    global_mm: tuple[float, float] = GLOBAL_MAX_DISPLACEMENT_MM,
+    twist: float = TWIST_STRENGTH,
 ) -> np.ndarray:
     """A smooth random displacement (3, X, Y, Z) in voxels.
 
@@ -362,17 +442,20 @@ def make_displacement(
       the weak global field.
 
     Computed on a grid up to 4x coarser (at least 24 voxels a side where the shape allows) and
-    upsampled linearly."""
+    upsampled linearly.
+
+    `liver_mm` and `global_mm` are the ranges of the largest liver and global displacement (mm at the default
+    shape), `twist` the strength of the liver's local twists."""
     scale = shape_scale(shape)
     factor = max(1, min(4, min(shape) // 24))
     low_shape = tuple(max(6, int(np.ceil(n / factor))) for n in shape)
     ctrl = rng.standard_normal((3, 4, 4, 4)).astype(np.float32)
     glob = np.stack([resize(c, low_shape, order=3) for c in ctrl])
-    glob *= rng.uniform(*GLOBAL_MAX_DISPLACEMENT_MM) * scale / (np.sqrt((glob**2).sum(0)).max() + 1e-8)
+    glob *= rng.uniform(*global_mm) * scale / (np.sqrt((glob**2).sum(0)).max() + 1e-8)
 
     liver_low = resize(liver_mask.astype(np.float32), low_shape, order=1)
     sigma = 0.06 * float(np.mean(low_shape))
-    target = rng.uniform(*LIVER_MAX_DISPLACEMENT_MM) * scale  # voxels
+    target = rng.uniform(*liver_mm) * scale  # voxels
     # weight 1 over the liver dilated by about the displacement (so the pulled-back liver keeps its
     # volume), then a smooth ramp down to 0 in the surrounding fat and bowel
     distance = ndimage.distance_transform_edt(liver_low <= 0.5)  # low-res voxels from the liver
@@ -390,7 +473,7 @@ def make_displacement(
         offset = grid - p[:, None, None, None].astype(np.float32)
         bump = np.exp(-(offset**2).sum(0) / (2 * width**2))
         grad = -offset / width**2 * bump  # gradient of the bump
-        a = rng.standard_normal(3).astype(np.float32) * width * TWIST_STRENGTH
+        a = rng.standard_normal(3).astype(np.float32) * width * twist
         local += np.stack(
             [grad[1] * a[2] - grad[2] * a[1], grad[2] * a[0] - grad[0] * a[2], grad[0] * a[1] - grad[1] * a[0]]
         )
@@ -421,22 +504,44 @@ def warp(volume: np.ndarray, displacement: np.ndarray, order: int) -> np.ndarray
 # ----------------------------------------------------------------------------------------------
 
 
-def tissue_tables(rng: np.random.Generator) -> tuple[np.ndarray, ...]:
-    """Per-subject CT and MR lookup tables: small random offsets around TISSUES."""
+def tissue_tables(rng: np.random.Generator, family: str = "default") -> tuple[np.ndarray, ...]:
+    """Per-subject CT and MR lookup tables (mean and texture amplitude per tissue).
+
+    "default": small random offsets around TISSUES. "random": CT within 25 HU of TISSUES (texture x0.5-2) and the
+    MR mean of every tissue drawn uniformly in [0, 1000] a.u., SynthMorph's contrast randomisation, so that no MR
+    intensity table can be learnt. "heldout": contrast-enhanced CT (ENHANCED_CT_HU) and T2-weighted MR (T2_MR),
+    each within 5 HU / 10 %."""
     table = np.array([t[1:] for t in TISSUES], np.float32)
+    n = len(TISSUES)
+    if family == "random":
+        ct_mean = table[:, 0] + rng.uniform(-25, 25, n).astype(np.float32)
+        ct_mean[AIR] = -1000
+        ct_amp = table[:, 1] * rng.uniform(0.5, 2.0, n).astype(np.float32)
+        mr_mean = rng.uniform(0, 1000, n).astype(np.float32)
+        mr_amp = rng.uniform(5, 60, n).astype(np.float32)
+        return ct_mean, ct_amp, mr_mean, mr_amp
+    if family == "heldout":
+        names = [t[0] for t in TISSUES]
+        ct_mean = np.array([ENHANCED_CT_HU.get(name, t[1]) for name, t in zip(names, TISSUES)], np.float32)
+        ct_mean += rng.uniform(-5, 5, n).astype(np.float32)
+        ct_mean[AIR] = -1000
+        mr_mean = np.array([T2_MR[name] for name in names], np.float32) * rng.uniform(0.9, 1.1, n).astype(np.float32)
+        return ct_mean, table[:, 1], mr_mean, table[:, 3]
     ct_mean = table[:, 0] + rng.uniform(-5, 5, len(TISSUES)).astype(np.float32)
     ct_mean[AIR] = -1000
     mr_mean = table[:, 2] * rng.uniform(0.9, 1.1, len(TISSUES)).astype(np.float32)
     return ct_mean, table[:, 1], mr_mean, table[:, 3]
 
 
-def render(tissue: np.ndarray, texture: np.ndarray, mean: np.ndarray, amplitude: np.ndarray) -> np.ndarray:
+def render(
+    tissue: np.ndarray, texture: np.ndarray, mean: np.ndarray, amplitude: np.ndarray, pv_sigma: float = PV_SIGMA_VOXELS
+) -> np.ndarray:
     image = mean[tissue] + amplitude[tissue] * texture
-    return ndimage.gaussian_filter(image, PV_SIGMA_VOXELS, mode="nearest")
+    return ndimage.gaussian_filter(image, pv_sigma, mode="nearest")
 
 
-def bias_field(rng: np.random.Generator, shape) -> np.ndarray:
-    """Smooth multiplicative MR bias: exp of a random quadratic polynomial, about +-20-30 %."""
+def bias_field(rng: np.random.Generator, shape, strength: tuple[float, float] = (0.2, 0.3)) -> np.ndarray:
+    """Smooth multiplicative MR bias: exp of a random quadratic polynomial, about +-`strength` (20-30 %)."""
     u, v, w = normalised_axes(shape)
     c = rng.normal(0, 1, 9).astype(np.float32)
     log_b = (
@@ -451,34 +556,90 @@ def bias_field(rng: np.random.Generator, shape) -> np.ndarray:
         + c[8] * w**2
     )
     log_b = log_b - log_b.mean()
-    log_b *= rng.uniform(0.2, 0.3) / (np.abs(log_b).max() + 1e-8)
+    log_b *= rng.uniform(*strength) / (np.abs(log_b).max() + 1e-8)
     return np.exp(log_b).astype(np.float32)
 
 
-def make_subject(rng: np.random.Generator, shape=DEFAULT_SHAPE) -> dict[str, np.ndarray]:
-    """One random subject.
+def random_shape(rng: np.random.Generator, shape) -> tuple[int, int, int]:
+    """A grid size of the "random" family: each axis drawn from RANDOM_SHAPES, scaled by `shape` / DEFAULT_SHAPE
+    (so that small test shapes stay small) and rounded to a multiple of 16 voxels (at least 16)."""
+    out = []
+    for choices, n, n0 in zip(RANDOM_SHAPES, shape, DEFAULT_SHAPE):
+        size = int(rng.choice(choices)) * n / n0
+        out.append(max(16, int(round(size / 16)) * 16))
+    return tuple(out)
+
+
+def random_spacing_grid(rng: np.random.Generator, fov_shape) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """The grid and voxel spacing of a "random" subject: the field of view `fov_shape` (mm, from :func:`random_shape`)
+    sampled at a spacing drawn in [1, 2] mm (one draw for all axes; half of the subjects keep 1 mm), the grid
+    rounded to a multiple of 16 voxels (at least 16) and the spacing adjusted to it. The anatomy is defined on the
+    field of view, so a coarser grid shows the same anatomy with fewer, larger voxels; the displacements are drawn in
+    voxels of the grid (:func:`shape_scale`)."""
+    target = 1.0 if rng.uniform() < 0.5 else float(rng.uniform(1.0, 2.0))
+    grid = tuple(max(16, int(round(n / target / 16)) * 16) for n in fov_shape)
+    return grid, tuple(float(n) / g for n, g in zip(fov_shape, grid))
+
+
+def rigid_displacement(rng: np.random.Generator, shape, max_degrees: float, max_mm: float) -> np.ndarray:
+    """A small rigid motion as a DDF (3, X, Y, Z) in voxels: a rotation about the volume's centre and its body
+    axis w (up to `max_degrees`) and a translation (up to `max_mm` per axis; 1 mm voxels)."""
+    angle = np.deg2rad(rng.uniform(-max_degrees, max_degrees))
+    shift = rng.uniform(-max_mm, max_mm, 3)
+    grid = np.indices(shape, dtype=np.float32)
+    centre = (np.array(shape, np.float32) - 1) / 2
+    x, y = grid[0] - centre[0], grid[1] - centre[1]
+    c, s = np.cos(angle), np.sin(angle)
+    ddf = np.stack([c * x - s * y - x, s * x + c * y - y, np.zeros(shape, np.float32)])
+    return (ddf + shift.astype(np.float32)[:, None, None, None]).astype(np.float32)
+
+
+def make_subject(rng: np.random.Generator, shape=DEFAULT_SHAPE, family: str = "default") -> dict[str, np.ndarray]:
+    """One random subject from generator `family` (one of FAMILIES; see the module constants).
 
     Returns float32 ``ct`` (HU) and ``mr`` (a.u.), uint8 ``ct_label`` and ``mr_label``, the uint8
     tissue map ``ct_tissue`` and the float32 ``displacement`` (3, X, Y, Z) in voxels with
-    ``mr_anatomy(x) = ct_anatomy(x + displacement(x))``, i.e. the true CT->MRI DDF."""
+    ``mr_anatomy(x) = ct_anatomy(x + displacement(x))``, i.e. the true CT->MRI DDF, and the voxel ``spacing`` (mm).
+    The "random" family draws its own field of view and spacing (:func:`random_shape`, :func:`random_spacing_grid`),
+    so its arrays may differ from `shape` and its voxels from 1 mm.
+
+    Raises:
+        ValueError: `shape` is not three sizes of at least 16 voxels, or `family` is not one of FAMILIES."""
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or min(shape) < 16:
         raise ValueError(f"shape must be three sizes of at least 16 voxels, got {shape}")
-    ct_tissue = make_anatomy(rng, shape)
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    wide = family == "random"
+    spacing = (SPACING_MM,) * 3
+    if wide:
+        shape, spacing = random_spacing_grid(rng, random_shape(rng, shape))
+    ct_tissue = make_anatomy(rng, shape, family)
+    for _ in range(20 if family != "default" else 0):  # wider draws may squeeze an organ out: draw again
+        if (
+            np.bincount(TISSUE_TO_LABEL[ct_tissue].ravel(), minlength=5)[1:].min()
+            >= MIN_ORGAN_FRACTION * ct_tissue.size
+        ):
+            break
+        ct_tissue = make_anatomy(rng, shape, family)
     fine = ndimage.gaussian_filter(rng.standard_normal(shape, dtype=np.float32), 1.0)
     texture = 0.6 * smooth_noise(rng, shape, 0.02, down=2) + 0.8 * fine / (fine.std() + 1e-8)  # unit std
-    ct_mean, ct_amp, mr_mean, mr_amp = tissue_tables(rng)
+    ct_mean, ct_amp, mr_mean, mr_amp = tissue_tables(rng, family)
     kidneys = (np.isin(ct_tissue, (KID_R_CORTEX, KID_R_MEDULLA)), np.isin(ct_tissue, (KID_L_CORTEX, KID_L_MEDULLA)))
-    displacement = make_displacement(rng, shape, ct_tissue == LIVER, kidneys)
+    motion = {"liver_mm": (4.0, 18.0), "global_mm": (2.0, 10.0), "twist": float(rng.uniform(0.5, 3.5))} if wide else {}
+    displacement = make_displacement(rng, shape, ct_tissue == LIVER, kidneys, **motion)
+    if wide and rng.uniform() < 0.5:  # another kind of motion: a small rigid shift and turn of the whole body
+        displacement = displacement + rigid_displacement(rng, shape, 5.0, 5.0 * shape_scale(shape))
     mr_tissue = warp(ct_tissue, displacement, order=0)
     mr_texture = warp(texture, displacement, order=1)
 
-    ct = render(ct_tissue, texture, ct_mean, ct_amp)
-    ct += rng.standard_normal(shape, dtype=np.float32) * np.float32(rng.uniform(8, 15))
+    pv = float(rng.uniform(0.4, 1.2)) if wide else PV_SIGMA_VOXELS
+    ct = render(ct_tissue, texture, ct_mean, ct_amp, pv)
+    ct += rng.standard_normal(shape, dtype=np.float32) * np.float32(rng.uniform(*((5, 30) if wide else (8, 15))))
     ct = np.clip(ct, -1024, 3071)
 
-    mr = render(mr_tissue, mr_texture, mr_mean, mr_amp) * bias_field(rng, shape)
-    sigma = np.float32(rng.uniform(12, 20))
+    mr = render(mr_tissue, mr_texture, mr_mean, mr_amp, pv) * bias_field(rng, shape, (0.1, 0.5) if wide else (0.2, 0.3))
+    sigma = np.float32(rng.uniform(*((5, 40) if wide else (12, 20))))
     mr = np.sqrt(
         (mr + rng.standard_normal(shape, dtype=np.float32) * sigma) ** 2
         + (rng.standard_normal(shape, dtype=np.float32) * sigma) ** 2
@@ -490,6 +651,7 @@ def make_subject(rng: np.random.Generator, shape=DEFAULT_SHAPE) -> dict[str, np.
         "mr_label": TISSUE_TO_LABEL[mr_tissue],
         "ct_tissue": ct_tissue,
         "displacement": displacement,
+        "spacing": tuple(float(x) for x in spacing),
     }
 
 
@@ -498,11 +660,11 @@ def make_subject(rng: np.random.Generator, shape=DEFAULT_SHAPE) -> dict[str, np.
 # ----------------------------------------------------------------------------------------------
 
 
-def make_affine(shape) -> np.ndarray:
-    """RAS, 1 mm, world origin at the centre of the volume."""
-    affine = np.eye(4) * SPACING_MM
-    affine[3, 3] = 1.0
-    affine[:3, 3] = -(np.array(shape, float) - 1) / 2 * SPACING_MM
+def make_affine(shape, spacing=(SPACING_MM,) * 3) -> np.ndarray:
+    """RAS, `spacing` mm (1 mm by default), world origin at the centre of the volume."""
+    spacing = np.asarray(spacing, float)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -(np.array(shape, float) - 1) / 2 * spacing
     return affine
 
 
@@ -514,8 +676,13 @@ def nifti(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     return img
 
 
-def split_sizes(n: int) -> tuple[int, int, int]:
-    """(training, validation, test): about 1/6 each for validation and test, test at least one."""
+def split_sizes(n: int, test_only: bool = False) -> tuple[int, int, int]:
+    """(training, validation, test): about 1/6 each for validation and test, test at least one; with `test_only`
+    (a held-out family) every subject is a test subject."""
+    if test_only:
+        if n < 1:
+            raise SystemExit(f"error: --n-subjects must be at least 1, got {n}")
+        return 0, 0, n
     if n < 3:
         raise SystemExit(
             f"error: --n-subjects must be at least 3 (one each for training, validation and test), got {n}"
@@ -534,8 +701,10 @@ def case_files(case: str) -> dict[str, str]:
     }
 
 
-def build_datalists(cases: list[str], shape, seed: int) -> dict[str, dict]:
-    n_train, n_val, _ = split_sizes(len(cases))
+def build_datalists(
+    cases: list[str], shape, seed: int, family: str = "default", test_only: bool = False
+) -> dict[str, dict]:
+    n_train, n_val, _ = split_sizes(len(cases), test_only)
     splits = {
         "training": cases[:n_train],
         "validation": cases[n_train : n_train + n_val],
@@ -546,14 +715,16 @@ def build_datalists(cases: list[str], shape, seed: int) -> dict[str, dict]:
     for direction, (fixed, moving) in {"ct2mri": ("mr", "ct"), "mri2ct": ("ct", "mr")}.items():
         datalist: dict = {
             "description": (
-                f"Synthetic abdominal CT/MR T1 phantoms (tools/make_abdomen_phantoms.py, seed {seed}), "
+                f"Synthetic abdominal CT/MR phantoms (tools/make_abdomen_phantoms.py, family {family}, seed {seed}), "
                 f"{titles[direction]}; "
                 "each subject's CT paired with its own MR, which differs by a known smooth deformation "
                 "(largest on the liver). CT in HU, MR raw."
             ),
             "direction": direction,
-            "spatial_shape": list(shape),
-            "spacing_mm": [SPACING_MM] * 3,
+            "family": family,
+            # the "random" family draws a grid size per subject
+            "spatial_shape": None if family == "random" else list(shape),
+            "spacing_mm": None if family == "random" else [SPACING_MM] * 3,
             "labels": {str(k): v for k, v in LABEL_NAMES.items()},
         }
         for split, names in splits.items():
@@ -590,11 +761,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--save-ddf", action="store_true", help="also write the true CT->MRI displacement of each subject to <out>/ddf/"
     )
+    parser.add_argument(
+        "--family",
+        choices=FAMILIES,
+        default="default",
+        help="generator family: default (the sample phantoms), random (SynthMorph-style training variety), "
+        "heldout (organ shapes and CT/MR tables the random family never produces; for testing)",
+    )
+    parser.add_argument(
+        "--test-only", action="store_true", help="put every subject in the test split (a held-out test family)"
+    )
     args = parser.parse_args(argv)
     shape = tuple(args.shape)
     if min(shape) < 16:
         raise SystemExit(f"error: --shape must be at least 16 voxels along every axis, got {shape}")
-    split_sizes(args.n_subjects)
+    split_sizes(args.n_subjects, args.test_only)
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: output path {out} exists and is not a folder")
@@ -602,10 +783,10 @@ def main(argv: list[str] | None = None) -> int:
     for sub in folders:
         (out / sub).mkdir(parents=True, exist_ok=True)
 
-    affine = make_affine(shape)
     cases = [f"case{i:03d}" for i in range(args.n_subjects)]
-    for i, case in enumerate(tqdm(cases, desc="making phantoms", unit="subject")):
-        subject = make_subject(np.random.default_rng([args.seed, i]), shape)
+    for i, case in enumerate(tqdm(cases, desc=f"making phantoms ({args.family})", unit="subject")):
+        subject = make_subject(np.random.default_rng([args.seed, i]), shape, args.family)
+        affine = make_affine(subject["ct"].shape, subject["spacing"])
         files = case_files(case)
         atomic_save(nifti(np.round(subject["ct"]).astype(np.int16), affine), out / files["ct"])
         atomic_save(nifti(subject["mr"], affine), out / files["mr"])
@@ -615,11 +796,12 @@ def main(argv: list[str] | None = None) -> int:
             ddf = np.ascontiguousarray(np.moveaxis(subject["displacement"], 0, -1))
             atomic_save(nifti(ddf, affine), out / "ddf" / f"{case}_ddf_ct2mri.nii.gz")
 
-    for direction, datalist in build_datalists(cases, shape, args.seed).items():
+    for direction, datalist in build_datalists(cases, shape, args.seed, args.family, args.test_only).items():
         atomic_write_text(json.dumps(datalist, indent=2), out / f"datalist_{direction}.json")
-    n_train, n_val, n_test = split_sizes(len(cases))
+    n_train, n_val, n_test = split_sizes(len(cases), args.test_only)
+    grid = "random grids and spacings" if args.family == "random" else f"{shape} at {SPACING_MM:g} mm"
     print(
-        f"abdomen phantoms: {len(cases)} subjects of {shape} at {SPACING_MM:g} mm in {out} "
+        f"abdomen phantoms ({args.family} family): {len(cases)} subjects of {grid} in {out} "
         f"(training/validation/test {n_train}/{n_val}/{n_test})"
     )
     print(

@@ -126,8 +126,10 @@ def bundle_files(root: Path) -> list[tuple[Path, str]]:
     if missing:
         raise PackagingError(f"{root}: missing {', '.join(missing)}")
     entries = [(root / rel, rel) for rel in FILES]
-    # extra shipped weights beside model.pt (e.g. rem_sr's per-degradation models/model_x2.pt)
-    entries += [(p, f"models/{p.name}") for p in sorted((root / "models").glob("model_*.pt"))]
+    # extra shipped weights beside model.pt (rem_sr's per-degradation models/model_x2.pt, refdrn's backbone_x4.pt and
+    # the other rows of its table, f3rnet's other directions and variants)
+    extra = sorted((root / "models").glob("model_*.pt")) + sorted((root / "models").glob("backbone_*.pt"))
+    entries += [(p, f"models/{p.name}") for p in extra]
     for folder in FOLDERS:
         base = root / folder
         if not base.is_dir():

@@ -64,6 +64,9 @@ def trained(pairs, tmp_path_factory):
             "datalist": str(pairs / "datalist.json"),
             "ckpt_dir": str(out / "models"),
             "log_dir": str(out / "logs"),
+            # REM's output cached on disk (PersistentDataset), the budget of a time-limited comparison run
+            "train_cache_dir": str(out / "cache"),
+            "time_limit_s": 600,
         },
     )
     result.rem_sha256 = (before, hashlib.sha256(rem_weights.read_bytes()).hexdigest())
@@ -77,6 +80,13 @@ def test_train_saves_backbone_only_and_logs(trained):
     assert state and all(k.startswith("backbone.") for k in state)  # rem_sr's weights are never copied
     assert all(v.device.type == "cpu" for v in state.values())
     assert any((out / "logs").glob("events.out.tfevents*"))
+
+
+def test_train_cache_dir_holds_the_preprocessed_pairs(trained):
+    out, result = trained
+    (folder,) = (out / "cache").iterdir()  # one folder per scale and REM (scripts.data.cache_key)
+    assert len(list(folder.glob("*.pt"))) == 2  # the two training pairs of the tiny datalist
+    assert "caching the training pairs" in result.stderr
 
 
 def test_rem_sr_weights_file_is_untouched_by_cascade_training(trained):

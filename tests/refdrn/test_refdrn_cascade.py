@@ -118,3 +118,34 @@ def test_rem_weights_are_not_part_of_the_cascade_state_dict():
     assert next(rem.parameters()).dtype == torch.float64  # .to() still reaches REM
     x = torch.rand(1, 2, 16, 16, 16, dtype=torch.float64)
     assert cascade(x).shape == (1, 3, 16, 16, 16)
+
+
+def test_training_dataset_on_disk_is_computed_once_and_keyed_by_scale_and_rem(tmp_path):
+    """scripts.data.training_dataset: CacheDataset by default; with a cache folder, PersistentDataset filled at
+    construction, read back by a second run, and kept apart for another scale or REM."""
+    from monai.data import CacheDataset, PersistentDataset
+    from monai.transforms import Lambdad
+
+    data = load_bundle_scripts("refdrn", "data")
+    calls = []
+
+    def double(x):
+        calls.append(1)
+        return x * 2
+
+    items = [{"x": torch.full((1, 2, 2, 2), float(i))} for i in range(3)]
+    transform = Lambdad(keys="x", func=double)
+    assert isinstance(data.training_dataset(items, transform), CacheDataset)
+    calls.clear()
+    first = data.training_dataset(items, transform, cache_dir=str(tmp_path), scale=4, rem=None)
+    assert isinstance(first, PersistentDataset) and len(calls) == 3  # filled before training
+    again = data.training_dataset(items, transform, cache_dir=str(tmp_path), scale=4, rem=None)
+    assert len(calls) == 3 and torch.equal(again[2]["x"], torch.full((1, 2, 2, 2), 4.0))
+    rem = torch.nn.Conv3d(1, 1, 1)
+    keys = {data.cache_key(4, None), data.cache_key(2, None), data.cache_key(4, rem)}
+    with torch.no_grad():
+        rem.weight += 1
+    keys.add(data.cache_key(4, rem))
+    assert len(keys) == 4
+    data.training_dataset(items, transform, cache_dir=str(tmp_path), scale=2, rem=None)
+    assert len(calls) == 6 and len(list(tmp_path.iterdir())) == 2

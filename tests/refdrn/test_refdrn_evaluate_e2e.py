@@ -26,8 +26,9 @@ def pairs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def eval_weights(tmp_path_factory):
     """Untrained tiny FDRN weights as models/model.pt and models/backbone_x4.pt (the plain backbone's weights have
-    the same keys: REM is not part of the state dict); no models/model_no_aux.pt. The flow head's bias shifts
-    every pair by about 1.5 voxels, so a run that did not load the weights would be seen."""
+    the same keys: REM is not part of the state dict), VoxelMorph weights as models/model_revoxelmorph.pt; no
+    models/model_no_aux.pt nor model_voxelmorph_lr.pt. The flow head's bias shifts every pair by about 1.5 voxels,
+    so a run that did not load the weights would be seen."""
     networks = load_bundle_scripts("refdrn", "networks")
     ckpt = tmp_path_factory.mktemp("refdrn_eval_models")
     torch.manual_seed(0)
@@ -35,6 +36,7 @@ def eval_weights(tmp_path_factory):
     state["backbone.flow.bias"] = torch.tensor([1.5, -1.5, 1.5])
     torch.save(state, ckpt / "model.pt")
     torch.save(state, ckpt / "backbone_x4.pt")
+    torch.save(networks.build_registration_network("voxelmorph", None).state_dict(), ckpt / "model_revoxelmorph.pt")
     return ckpt
 
 
@@ -157,3 +159,58 @@ def test_evaluate_refuses_bad_methods_and_weights_without_writing(eval_weights, 
     assert result.returncode != 0
     assert all(text in result.stderr for text in expected), result.stderr[-3000:]
     assert not (tmp_path / "eval").exists()
+
+
+def test_generalisation_table_over_the_three_test_sets(eval_weights, pairs, tmp_path):
+    """tools/generalisation.py: evaluate.json's generalisation sets (here the tiny test pairs stand in for the
+    synthetic ones), the Dice gain over identity per set and the held-out / in-distribution ratio."""
+    from tools import generalisation
+
+    for name in ("datalist_synth_train.json", "datalist_synth_heldout.json"):
+        (pairs / name).write_text((pairs / "datalist.json").read_text())
+    out = tmp_path / "gen"
+    overrides = {**TINY_EVAL, "dataset_dir": str(pairs), "ckpt_dir": str(eval_weights)}
+    args = ["refdrn", "--methods", "cascade", "revoxelmorph", "voxelmorph_lr", "--output_dir", str(out)]
+    args += ["--threads", "1"]
+    args += ["--set", *[f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]]
+    assert generalisation.main(args) == 0
+    table = json.loads((out / "generalisation.json").read_text())
+    assert table["sets"] == ["real", "synthetic", "heldout"]
+    rows = table["methods"]
+    # the table holds every method of evaluate.json's generalisation (identity first), run or not
+    assert list(rows)[:3] == ["identity", "backbone_lr", "cascade"] and "voxelmorph_lr" in rows
+    assert rows["backbone_lr"]["real"]["dice"] is None  # not run here
+    for name in table["sets"]:
+        assert (out / name / "comparison.json").is_file()
+        assert rows["identity"][name]["gain"] == 0
+        # the same pairs in every set: the same Dice
+        assert rows["cascade"][name]["dice"] == pytest.approx(rows["cascade"]["real"]["dice"])
+        assert rows["cascade"][name]["gain"] < 0  # the tiny weights shift every pair
+        assert rows["voxelmorph_lr"][name]["dice"] is None
+        assert rows["revoxelmorph"][name]["dice"] is not None  # the VoxelMorph backbone behind REM, evaluated
+    assert rows["cascade"]["ratio"] is None  # no positive in-distribution gain to compare with
+    text = (out / "generalisation.md").read_text()
+    assert "| voxelmorph_lr | not trained | not trained | not trained | n/a |" in text
+    # a later call with another method adds its column runs to the same table; --table_only runs nothing
+    assert generalisation.main([*args[:1], "--methods", "backbone_lr", *args[5:]]) == 0
+    rows = json.loads((out / "generalisation.json").read_text())["methods"]
+    assert rows["backbone_lr"]["real"]["dice"] is not None and rows["cascade"]["real"]["dice"] is not None
+    before = sorted(p.stat().st_mtime for p in out.rglob("metrics.csv"))
+    assert generalisation.main([*args[:1], "--table_only", *args[5:]]) == 0
+    assert sorted(p.stat().st_mtime for p in out.rglob("metrics.csv")) == before
+
+
+def test_compare_grid_given_on_the_command_line_sweeps_io_iterations(pairs, tmp_path):
+    """tools/compare_methods.py --set compare_grid=... sweeps a setting for a bundle whose evaluate.json has no grid
+    (the instance-optimisation budget here); the grid is the tool's, never passed to the runs."""
+    from tools import compare_methods
+
+    out = tmp_path / "sweep"
+    overrides = {**TINY_EVAL, "dataset_dir": str(pairs), "compare_grid": {"io_iterations": [[1, 1], [3, 2]]}}
+    args = ["refdrn", "--methods", "io_from_identity", "--output_dir", str(out), "--threads", "1", "--set"]
+    args += [f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in overrides.items()]
+    assert compare_methods.main(args) == 0
+    results = json.loads((out / "comparison.json").read_text())
+    assert list(results) == ["io_iterations_1x1", "io_iterations_3x2"]
+    short, longer = (results[k]["io_from_identity"]["sdlogj"]["mean"] for k in results)
+    assert short > 0 and longer != pytest.approx(short)  # each point ran its own number of IO iterations

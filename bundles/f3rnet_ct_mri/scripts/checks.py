@@ -148,10 +148,10 @@ def check_direction_weights(
 ) -> str:
     """`check_weights` that says what to pass when the weights of the chosen direction or variant are missing.
 
-    Only the CT->MRI weights of variant ``none`` (``models/model.pt``) are shipped. Without this check,
-    ``--direction mri2ct`` ran those CT->MRI weights without a word; now the default weights file is per direction
-    and variant (`weights_name`), and a missing one is an error naming the file, the training command that writes
-    it and the key to pass instead.
+    Weights are shipped for some directions and variants only (``models/model*.pt``; ``model.pt`` is CT->MRI,
+    variant ``none``). Without this check, ``--direction mri2ct`` once ran the CT->MRI weights without a word; the
+    default weights file is per direction and variant (`weights_name`), and a missing one is an error naming the
+    file, the training command that writes it and the key to pass instead.
 
     Args:
         path: the weights file (``ckpt_path``, or ``method_weights[method]`` in evaluate.json).

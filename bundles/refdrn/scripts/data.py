@@ -7,6 +7,8 @@ dimension) and Section IV-B.2 (REM is pretrained and frozen inside the cascade).
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -143,3 +145,58 @@ class EnhancePaird(MapTransform):
                     self._cache[name] = x
             d[out_key] = _like(x.clone(), d[key])
         return d
+
+
+def cache_key(scale: float, rem: torch.nn.Module | None) -> str:
+    """A short key of everything the cached training volumes depend on besides the datalist item: the
+    degradation scale and REM (its weights, or none). Used to keep on-disk caches of different settings apart."""
+    digest = hashlib.sha1(f"scale={float(scale)!r};rem={rem is not None}".encode())
+    if rem is not None:
+        for name, tensor in sorted(rem.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def training_dataset(
+    data: Sequence[Mapping],
+    transform,
+    cache_dir: str | None = None,
+    scale: float = 4,
+    rem: torch.nn.Module | None = None,
+    num_workers: int = 0,
+):
+    """
+    The training dataset: MONAI ``CacheDataset`` (every pair's deterministic preprocessing, REM included, held in
+    memory; the default) or, with `cache_dir`, MONAI ``PersistentDataset`` (the same results written once to disk and
+    read back at every step; missing entries are computed here, before training starts).
+
+    Why: caching REM's output for a few dozen full volumes takes 10-20 minutes on a CPU; on disk it is computed once
+    and shared by every later run with the same scale and REM. The cache lives in ``<cache_dir>/<cache_key>``, so runs
+    with another scale, without REM (``use_rem false``) or with other REM weights never read each other's volumes.
+    MONAI keys each entry by the datalist item, so change `cache_dir` after changing the preprocessing otherwise.
+
+    Args:
+        data: the datalist items.
+        transform: the preprocessing (``train#preprocessing``); caching stops at its first random transform.
+        cache_dir: folder of the on-disk cache, or None / "" for the in-memory ``CacheDataset``.
+        scale: the degradation scale (part of the cache key).
+        rem: the frozen REM, or None (part of the cache key).
+        num_workers: ``CacheDataset``'s workers for the initial caching.
+
+    Returns:
+        a ``CacheDataset`` or a ``PersistentDataset``.
+    """
+    from monai.data import CacheDataset, PersistentDataset
+
+    if not cache_dir:
+        return CacheDataset(data=data, transform=transform, cache_rate=1.0, num_workers=num_workers)
+    from tqdm import tqdm
+
+    dataset = PersistentDataset(
+        data=data, transform=transform, cache_dir=os.path.join(cache_dir, cache_key(scale, rem))
+    )
+    # fill the cache now, as CacheDataset does, so that a time-limited run spends its budget on training
+    for index in tqdm(range(len(dataset)), desc="caching the training pairs", unit="pair"):
+        dataset[index]
+    return dataset
