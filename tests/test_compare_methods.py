@@ -124,3 +124,13 @@ def test_generalisation_spec_names_known_methods_and_sets(bundle_name):
     assert spec["in_distribution"] in spec["sets"] and spec["heldout"] in spec["sets"]
     # every network of the table is a method evaluate.json defines (refdrn: methods; f3rnet: method_weights)
     assert spec["methods"][0] == "identity" and set(spec["methods"]) <= set(defined or weights)
+
+
+def test_generalisation_card_refuses_partial_tables_before_running(tmp_path):
+    from tools import generalisation
+
+    out = tmp_path / "gen"
+    for extra in (["--set", "num_classes=5"], ["--sets", "heldout"]):
+        with pytest.raises(SystemExit, match="--card needs every set on the default data"):
+            generalisation.main(["refdrn", "--card", "--output_dir", str(out), *extra])
+    assert not out.exists()  # nothing was evaluated or written

@@ -74,6 +74,31 @@ def parse_value(text: str):
         return text
 
 
+def find_bundle(name: str) -> Path:
+    """The resolved root of bundle `name` (a folder name under bundles/, or a path to a bundle).
+
+    Raises:
+        SystemExit: the folder has no configs/evaluate.json."""
+    bundle_root = Path(name) if Path(name).is_dir() else ROOT / "bundles" / name
+    if not (bundle_root / "configs" / "evaluate.json").is_file():
+        raise SystemExit(f"error: {bundle_root}: no configs/evaluate.json (not a bundle of this package?)")
+    return bundle_root.resolve()
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``KEY=VALUE`` command-line items as a dict of config overrides (values as :func:`parse_value` reads them).
+
+    Raises:
+        SystemExit: an item without ``=``."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
+        overrides[key] = parse_value(value)
+    return overrides
+
+
 def resolve(bundle_root: Path, overrides: dict, *keys: str) -> list:
     """The parsed values of `keys` of the merged evaluation config under `overrides` (with the bundle's own
     ``scripts`` importable, for values a ``_target_`` of the bundle computes)."""
@@ -240,22 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
-    bundle_root = Path(args.bundle) if Path(args.bundle).is_dir() else ROOT / "bundles" / args.bundle
-    if not (bundle_root / "configs" / "evaluate.json").is_file():
-        raise SystemExit(f"error: {bundle_root}: no configs/evaluate.json (not a bundle of this package?)")
-    bundle_root = bundle_root.resolve()
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
-        overrides[key] = parse_value(value)
+    bundle_root = find_bundle(args.bundle)
+    overrides = parse_overrides(args.set)
     all_methods, grid, default_method, general = resolve(
         bundle_root, overrides, "compare_methods", "compare_grid", "method", "generalisation"
     )
     methods = list(args.methods or all_methods or [default_method])
     # the generalisation table's networks (tools/generalisation.py) are methods too, even outside the card's table
-    known = list(all_methods or []) + [m for m in (general or {}).get("methods", []) if m not in (all_methods or [])]
+    known = list(dict.fromkeys([*(all_methods or []), *(general or {}).get("methods", [])]))
     unknown = [m for m in methods if all_methods and m not in known]
     if unknown:
         raise SystemExit(f"error: unknown method(s) {unknown}; {bundle_root.name} compares {known}")
@@ -264,13 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
 
+    # compare_grid is this tool's setting (it may be given with --set for a bundle that has none), not a run's
+    run_base = {k: v for k, v in overrides.items() if k != "compare_grid"}
     results: dict[str, dict] = {}
     for point in grid_points(grid):
         label = point_label(point)
         results[label] = {}
         for method in methods:
-            # compare_grid is this tool's setting (it may be given with --set for a bundle that has none): not a run's
-            run_overrides = {**{k: v for k, v in overrides.items() if k != "compare_grid"}, **point, "method": method}
+            run_overrides = {**run_base, **point, "method": method}
             (ckpt,) = resolve(bundle_root, run_overrides, "ckpt_path")
             if ckpt and not Path(ckpt).is_file():
                 print(f"[{label}] {method}: {NOT_TRAINED} ({ckpt} does not exist)")

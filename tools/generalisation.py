@@ -110,16 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--card", action="store_true", help="paste the table into the bundle's docs/README.md")
     args = parser.parse_args(argv)
 
-    bundle_root = Path(args.bundle) if Path(args.bundle).is_dir() else ROOT / "bundles" / args.bundle
-    if not (bundle_root / "configs" / "evaluate.json").is_file():
-        raise SystemExit(f"error: {bundle_root}: no configs/evaluate.json (not a bundle of this package?)")
-    bundle_root = bundle_root.resolve()
-    overrides = {}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"error: --set expects KEY=VALUE, got {item!r}")
-        overrides[key] = compare_methods.parse_value(value)
+    if args.card and (args.sets or args.set):  # before any evaluation runs
+        raise SystemExit("error: --card needs every set on the default data (no --sets or --set)")
+    bundle_root = compare_methods.find_bundle(args.bundle)
+    overrides = compare_methods.parse_overrides(args.set)
     (spec,) = compare_methods.resolve(bundle_root, overrides, "generalisation")
     if not spec:
         raise SystemExit(f"error: {bundle_root.name}'s evaluate.json declares no generalisation sets")
@@ -162,8 +156,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{method}: held-out gain / in-distribution gain {ratio:.2f} (target >= 0.5: {verdict})")
     print(f"wrote {out_dir / 'generalisation.md'} and generalisation.json")
     if args.card:
-        if args.sets or args.set:
-            raise SystemExit("error: --card needs every set on the default data (no --sets or --set)")
         card = bundle_root / "docs" / "README.md"
         atomic_write_text(fill(card.read_text(), text, START, END), card)
         print(f"updated {card}")

@@ -86,7 +86,7 @@ TWIST_STRENGTH = 2.0  # local twists of the liver relative to its translation
 # non-contrast table) and a T2-weighted MR table.
 FAMILIES = ("default", "random", "heldout")
 MIN_ORGAN_FRACTION = 0.001  # of the volume, for every organ of the "random" and "heldout" families
-# grid sizes of the "random" family (1 mm voxels; multiples of 16, the network's size unit)
+# fields of view of the "random" family (mm at the default shape, per axis), sampled at a random spacing
 RANDOM_SHAPES = ((112, 128, 144, 160), (112, 128, 144, 160), (96, 112, 128, 144))
 # portal-venous CT (HU) of the "heldout" family, for the tissues that enhance; the rest keep TISSUES
 ENHANCED_CT_HU = {
@@ -581,11 +581,11 @@ def random_spacing_grid(rng: np.random.Generator, fov_shape) -> tuple[tuple[int,
     return grid, tuple(float(n) / g for n, g in zip(fov_shape, grid))
 
 
-def rigid_displacement(rng: np.random.Generator, shape, max_degrees: float, max_mm: float) -> np.ndarray:
+def rigid_displacement(rng: np.random.Generator, shape, max_degrees: float, max_shift: float) -> np.ndarray:
     """A small rigid motion as a DDF (3, X, Y, Z) in voxels: a rotation about the volume's centre and its body
-    axis w (up to `max_degrees`) and a translation (up to `max_mm` per axis; 1 mm voxels)."""
+    axis w (up to `max_degrees`) and a translation (up to `max_shift` voxels per axis)."""
     angle = np.deg2rad(rng.uniform(-max_degrees, max_degrees))
-    shift = rng.uniform(-max_mm, max_mm, 3)
+    shift = rng.uniform(-max_shift, max_shift, 3)
     grid = np.indices(shape, dtype=np.float32)
     centre = (np.array(shape, np.float32) - 1) / 2
     x, y = grid[0] - centre[0], grid[1] - centre[1]
@@ -628,7 +628,7 @@ def make_subject(rng: np.random.Generator, shape=DEFAULT_SHAPE, family: str = "d
     kidneys = (np.isin(ct_tissue, (KID_R_CORTEX, KID_R_MEDULLA)), np.isin(ct_tissue, (KID_L_CORTEX, KID_L_MEDULLA)))
     motion = {"liver_mm": (4.0, 18.0), "global_mm": (2.0, 10.0), "twist": float(rng.uniform(0.5, 3.5))} if wide else {}
     displacement = make_displacement(rng, shape, ct_tissue == LIVER, kidneys, **motion)
-    if wide and rng.uniform() < 0.5:  # another kind of motion: a small rigid shift and turn of the whole body
+    if wide and rng.uniform() < 0.5:  # another kind of motion: a small rigid shift (5 mm at the default shape) and turn
         displacement = displacement + rigid_displacement(rng, shape, 5.0, 5.0 * shape_scale(shape))
     mr_tissue = warp(ct_tissue, displacement, order=0)
     mr_texture = warp(texture, displacement, order=1)

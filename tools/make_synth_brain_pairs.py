@@ -58,7 +58,9 @@ from tqdm import tqdm
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.niftiio import atomic_save, atomic_write_text  # noqa: E402
+# make_brain_pairs' warp (out(x) = data(x + ddf(x)), 0 outside) and NIfTI writer (mm units, atomic)
+from tools.make_brain_pairs import save, warp  # noqa: E402
+from tools.niftiio import atomic_write_text  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 LABEL_MAPS = REPO_ROOT / "data" / "brain" / "label_maps"
@@ -106,12 +108,6 @@ def bspline_ddf(rng: np.random.Generator, shape, max_voxels: float, control: int
         [ndimage.zoom(c, [s / control for s in shape], order=3, grid_mode=True, mode="nearest") for c in ctrl]
     )
     return (field / (np.linalg.norm(field, axis=0).max() + 1e-8) * max_voxels).astype(np.float32)
-
-
-def warp_labels(labels: np.ndarray, ddf: np.ndarray) -> np.ndarray:
-    """``out(x) = labels(x + ddf(x))``, nearest neighbour, 0 outside (MONAI ``Warp``'s convention, in voxels)."""
-    grid = np.indices(labels.shape, dtype=np.float32) + ddf
-    return ndimage.map_coordinates(labels, grid, order=0, mode="constant", cval=0).astype(labels.dtype)
 
 
 def relabel(labels: np.ndarray) -> np.ndarray:
@@ -162,12 +158,12 @@ def make_pair(labels: np.ndarray, rng: np.random.Generator, family: str) -> dict
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {tuple(FAMILIES)}, got {family!r}")
     shape = labels.shape
-    subject = warp_labels(labels, diffeomorphic_ddf(rng, shape, rng.uniform(*SUBJECT_MM)))
+    subject = warp(labels, diffeomorphic_ddf(rng, shape, rng.uniform(*SUBJECT_MM)), order=0)
     if family == "train":
         ddf = diffeomorphic_ddf(rng, shape, rng.uniform(*PAIR_MM))
     else:
         ddf = bspline_ddf(rng, shape, rng.uniform(*PAIR_MM))
-    moving = warp_labels(subject, ddf)
+    moving = warp(subject, ddf, order=0)
     means = rng.uniform(0.05, 1.0, int(labels.max()) + 1).astype(np.float32)
     textured = family == "heldout"
     return {
@@ -183,13 +179,6 @@ def splits(family: str, n_pairs: int) -> dict[str, int]:
     return (
         {"test": N_TEST} if family == "heldout" else {"training": n_pairs, "validation": N_VALIDATION, "test": N_TEST}
     )
-
-
-def save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_xyzt_units("mm")
-    atomic_save(img, path)
 
 
 def main(argv: list[str] | None = None) -> int:
