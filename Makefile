@@ -14,8 +14,11 @@ PEERS_STAMP := $(PEERS_VENV)/.installed
 # ECLARE, rem_sr's thick-slice SR peer, lives in its own venv: it pins scipy 1.11.4, below ours
 ECLARE_VENV := .venv-eclare
 ECLARE_STAMP := $(ECLARE_VENV)/.installed
+# MONAI Label, for the app in apps/monailabel, lives in its own venv (see requirements-label.txt for why)
+LABEL_VENV := .venv-label
+LABEL_STAMP := $(LABEL_VENV)/.installed
 
-.PHONY: demo test lint format verify export package deploy-venv test-deploy peers-venv eclare-venv test-peers benchmark profile memory data pairs sr-data synth-pairs phantoms synth-phantoms train-rem evaluate-rem evaluate-refdrn evaluate-f3rnet generalisation clean
+.PHONY: demo test lint format verify export package deploy-venv test-deploy peers-venv eclare-venv label-venv label-atlases test-label label-server test-peers benchmark profile memory data pairs sr-data synth-pairs phantoms synth-phantoms train-rem evaluate-rem evaluate-refdrn evaluate-f3rnet generalisation clean
 
 $(STAMP): requirements.txt requirements-dev.txt requirements-optional.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +44,9 @@ synth-pairs: sr-data
 	$(PY) tools/make_synth_brain_pairs.py --family train
 	$(PY) tools/make_synth_brain_pairs.py --family heldout
 
-synth-phantoms: $(STAMP)
-	$(PY) tools/make_abdomen_phantoms.py --family random --n-subjects 36 --out data/abdomen_phantoms_random
+synth-phantoms: phantoms
+	$(PY) tools/make_abdomen_phantoms.py --family random --n-subjects 36 --out data/abdomen_phantoms_random \
+		--mix-with data/abdomen_phantoms
 	$(PY) tools/make_abdomen_phantoms.py --family heldout --test-only --n-subjects 6 --out data/abdomen_phantoms_heldout
 
 demo: data
@@ -57,7 +61,7 @@ demo: data
 
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests
 
 # ruff lint + format check (pyproject.toml); `make format` applies both
 lint: $(STAMP)
@@ -104,6 +108,27 @@ eclare-venv: $(ECLARE_STAMP)
 # the tests that need the peers (ANTs reading the ITK-convention DDF, the peer methods of the benchmark)
 test-peers: $(STAMP) $(PEERS_STAMP)
 	$(PY) -m pytest -q tests/test_itk_ddf.py
+
+$(LABEL_STAMP): requirements.txt requirements-label.txt requirements-label-nodeps.txt
+	$(PYTHON) -m venv $(LABEL_VENV)
+	$(LABEL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-label.txt
+	$(LABEL_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-label-nodeps.txt
+	touch $(LABEL_STAMP)
+
+label-venv: $(LABEL_STAMP)
+
+# the MONAI Label app's atlases and sample studies (data/monailabel)
+label-atlases: pairs phantoms
+	$(PY) tools/make_label_atlases.py
+
+# tests/test_monailabel_app.py with the server test enabled (the real MONAI Label server in $(LABEL_VENV))
+test-label: $(STAMP) $(LABEL_STAMP) pairs phantoms
+	$(PY) -m pytest -q -rs -s tests/test_monailabel_app.py
+
+# serve the bundles to annotators: http://127.0.0.1:8000 (THREADS: torch threads per inference)
+label-server: $(LABEL_STAMP) label-atlases
+	PATH="$(CURDIR)/$(LABEL_VENV)/bin:$$PATH" monailabel start_server --app apps/monailabel \
+		--studies data/monailabel/studies --host 127.0.0.1 --port 8000 $(if $(THREADS),--conf threads $(THREADS))
 
 # tests/test_deploy.py with the SDK test enabled (it runs a MONAI Deploy application in $(DEPLOY_VENV))
 test-deploy: $(STAMP) $(DEPLOY_STAMP)

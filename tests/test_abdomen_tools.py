@@ -3,6 +3,7 @@
 import hashlib
 import json
 import re
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -391,3 +392,38 @@ def test_family_cli_and_test_only_datalist(tmp_path):
         assert np.allclose(image.affine @ [*((np.array(image.shape) - 1) / 2), 1], [0, 0, 0, 1])
     with pytest.raises(ValueError, match="family must be one of"):
         phantoms.make_subject(np.random.default_rng(0), SHAPE, "other")
+
+
+def test_mix_with_writes_training_mixes_the_bundle_can_read(tmp_path):
+    """--mix-with: the random family's training/validation subjects plus the sample phantoms', paths relative to
+    the random folder (read back through the bundle's own datalist loader), test subjects the family's alone."""
+    import importlib.util
+    import sys
+
+    default, random = tmp_path / "abdomen_phantoms", tmp_path / "random"
+    shape = ["--shape", *map(str, SHAPE)]
+    with pytest.raises(SystemExit, match="--mix-with: .*datalist_ct2mri.json not found"):
+        phantoms.main(
+            ["--out", str(random), "--n-subjects", "3", *shape, "--family", "random", "--mix-with", str(default)]
+        )
+    assert not random.exists()  # refused before any phantom is made
+    assert phantoms.main(["--out", str(default), "--n-subjects", "3", *shape]) == 0
+    argv = ["--out", str(random), "--n-subjects", "3", *shape, "--family", "random", "--mix-with", str(default)]
+    assert phantoms.main(argv) == 0
+    root = phantoms.REPO_ROOT / "bundles" / "f3rnet_ct_mri"
+    spec = importlib.util.spec_from_file_location("f3_common_for_mix", root / "scripts" / "common.py")
+    common = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = common
+    spec.loader.exec_module(common)
+    for direction, (fixed, moving) in {"ct2mri": ("mr", "ct"), "mri2ct": ("ct", "mr")}.items():
+        own = json.loads((random / f"datalist_{direction}.json").read_text())
+        mix = json.loads((random / f"datalist_mix_{direction}.json").read_text())
+        assert mix["family"] == "random+default" and mix["test"] == own["test"]
+        for split in ("training", "validation"):
+            items = common.load_datalist(str(random / f"datalist_mix_{direction}.json"), str(random), split)
+            assert len(items) == len(own[split]) + 1  # 3 subjects: one training, one validation, one test each
+            added = items[-1]
+            assert added["name"].startswith("abdomen_phantoms_case")
+            assert f"/{fixed}/" in added["fixed_image"] and f"/{moving}/" in added["moving_image"]
+            for key in ("fixed_image", "moving_image", "fixed_label", "moving_label"):
+                assert Path(added[key]).resolve().parent.parent == default.resolve()

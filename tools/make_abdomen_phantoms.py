@@ -37,6 +37,9 @@ Outputs, for subject NNN (``case000``, ``case001``, ...):
                                             voxel units, channel last (X, Y, Z, 3)
     <out>/datalist_ct2mri.json              fixed = MR, moving = CT (the CT is warped onto the MR)
     <out>/datalist_mri2ct.json              fixed = CT, moving = MR
+    <out>/datalist_mix_<direction>.json     with --mix-with DIR only: the training and validation subjects of
+                                            this family and of DIR's (e.g. the sample phantoms), this
+                                            family's test subjects; DIR's paths relative to <out>
 
 The ground-truth displacement D (returned by :func:`make_subject`) is in voxels, channel first,
 and follows MONAI's ``Warp`` convention for the CT->MRI direction: ``mr_anatomy(x) =
@@ -46,12 +49,14 @@ bit-identical files; subject i depends only on (seed, i), not on ``--n-subjects`
 
 Usage: python tools/make_abdomen_phantoms.py [--out data/abdomen_phantoms] [--n-subjects 12]
                                              [--seed 0] [--shape 144 144 128] [--save-ddf]
+                                             [--family default|random|heldout] [--test-only] [--mix-with DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -745,6 +750,43 @@ def build_datalists(
     return out
 
 
+def mix_datalists(out: Path, other: Path) -> dict[str, dict]:
+    """Training mixes of two phantom folders: per direction, ``out``'s datalist with ``other``'s training and
+    validation subjects appended (their paths made relative to ``out``, names prefixed by ``other``'s folder name
+    so that they stay unique); the test subjects stay ``out``'s alone.
+
+    Used to keep the sample phantoms in the random family's training data (the SynthMorph-style family alone
+    makes a network forget the sample phantoms' contrast, training log stage 1).
+
+    Raises:
+        FileNotFoundError: a datalist of either folder is missing (run this tool for that folder first).
+    """
+    mixes = {}
+    for direction in ("ct2mri", "mri2ct"):
+        lists = []
+        for folder in (out, other):
+            path = folder / f"datalist_{direction}.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} not found: make the phantoms of {folder} first")
+            lists.append(json.loads(path.read_text()))
+        own, extra = lists
+        prefix = Path(os.path.relpath(other.resolve(), out.resolve()))
+        mix = dict(own)
+        mix["family"] = f"{own.get('family')}+{extra.get('family')}"
+        mix["description"] = (
+            f"{own.get('description', '')} Training and validation mixed with those of {other.name} "
+            f"(family {extra.get('family')}); the test subjects are this family's alone."
+        )
+        for split in ("training", "validation"):
+            moved = []
+            for item in extra.get(split, []):
+                item = {k: str(prefix / v) if k != "name" else f"{other.name}_{v}" for k, v in item.items()}
+                moved.append(item)
+            mix[split] = list(own.get(split, [])) + moved
+        mixes[direction] = mix
+    return mixes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "data" / "abdomen_phantoms", help="output folder")
@@ -771,11 +813,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--test-only", action="store_true", help="put every subject in the test split (a held-out test family)"
     )
+    parser.add_argument(
+        "--mix-with",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="also write <out>/datalist_mix_<direction>.json: this family's training and validation subjects "
+        "with those of the phantom folder DIR (e.g. data/abdomen_phantoms), for training on both",
+    )
     args = parser.parse_args(argv)
     shape = tuple(args.shape)
     if min(shape) < 16:
         raise SystemExit(f"error: --shape must be at least 16 voxels along every axis, got {shape}")
     split_sizes(args.n_subjects, args.test_only)
+    if args.mix_with is not None:
+        missing = [str(args.mix_with / f"datalist_{d}.json") for d in ("ct2mri", "mri2ct")]
+        missing = [m for m in missing if not Path(m).is_file()]
+        if missing:  # checked before any phantom is made
+            raise SystemExit(f"error: --mix-with: {missing[0]} not found: make the phantoms of {args.mix_with} first")
     out: Path = args.out
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: output path {out} exists and is not a folder")
@@ -798,6 +853,14 @@ def main(argv: list[str] | None = None) -> int:
 
     for direction, datalist in build_datalists(cases, shape, args.seed, args.family, args.test_only).items():
         atomic_write_text(json.dumps(datalist, indent=2), out / f"datalist_{direction}.json")
+    if args.mix_with is not None:
+        try:
+            mixes = mix_datalists(out, args.mix_with)
+        except FileNotFoundError as e:
+            raise SystemExit(f"error: --mix-with: {e}") from None
+        for direction, datalist in mixes.items():
+            atomic_write_text(json.dumps(datalist, indent=2), out / f"datalist_mix_{direction}.json")
+        print(f"training mixes with {args.mix_with}: {out / 'datalist_mix_ct2mri.json'}, datalist_mix_mri2ct.json")
     n_train, n_val, n_test = split_sizes(len(cases), args.test_only)
     grid = "random grids and spacings" if args.family == "random" else f"{shape} at {SPACING_MM:g} mm"
     print(

