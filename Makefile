@@ -49,16 +49,14 @@ synth-phantoms: phantoms
 		--mix-with data/abdomen_phantoms
 	$(PY) tools/make_abdomen_phantoms.py --family heldout --test-only --n-subjects 6 --out data/abdomen_phantoms_heldout
 
-demo: data
-	$(PY) -m monai.bundle run --config_file bundles/rem_sr/configs/inference.json \
-		--bundle_root bundles/rem_sr --output_dir $(DEMO_OUT)/rem_sr
-	$(PY) tools/compare_methods.py rem_sr --output_dir $(DEMO_OUT)/rem_sr/evaluation
-	@echo
-	@echo "rem_sr demo outputs (LR input, SR output, HR reference):"
-	@find $(DEMO_OUT)/rem_sr -name "*.nii.gz" | sort
-	@echo "rem_sr table: $(DEMO_OUT)/rem_sr/evaluation/comparison.md"
-	@echo "rem_sr figure (every method at x4, same slices, shared error scale): $(DEMO_OUT)/rem_sr/evaluation/eval_scale_4/comparison.png"
+# the three bundles, each on one held-out case: a summary table and outputs/demo/overview.png (tools/demo.py);
+# builds the sample data it needs first (a second run only re-checks it)
+demo: pairs data/abdomen_phantoms/datalist_ct2mri.json
+	$(PY) tools/demo.py --output_dir $(DEMO_OUT) --threads $(THREADS)
 
+# the sample phantoms, made once (`make phantoms` remakes them)
+data/abdomen_phantoms/datalist_ct2mri.json: | $(STAMP)
+	$(PY) tools/make_abdomen_phantoms.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests
