@@ -104,6 +104,29 @@ def test_inference_writes_ddf_warped_image_and_label_on_the_input_grid(trained, 
     assert "IO 1/" in result.stderr and "IO " in result.stdout and "network " in result.stdout
 
 
+def test_direction_mri2ct_runs_the_shipped_mri2ct_weights(phantoms, tmp_path):
+    """--direction mri2ct with the default ckpt_path loads the shipped models/model_mri2ct.pt (moving MR onto the
+    fixed CT), not the CT->MRI weights: the network's DDF differs from the one the CT->MRI file gives."""
+    assert (BUNDLE_ROOT / "models" / "model_mri2ct.pt").is_file()
+    ddfs = {}
+    for name, ckpt in (("mri2ct", None), ("ct2mri_weights", BUNDLE_ROOT / "models" / "model.pt")):
+        overrides = {
+            "dataset_dir": str(phantoms),
+            "direction": "mri2ct",
+            "io_iterations": 0,
+            "output_dir": str(tmp_path / name),
+        }
+        if ckpt is not None:
+            overrides["ckpt_path"] = str(ckpt)
+        run_bundle("f3rnet_ct_mri", ["inference.json"], overrides)
+        case = tmp_path / name / "case003"
+        ddfs[name] = np.asarray(nib.load(str(case / "case003_ddf.nii.gz")).dataobj, np.float32)
+        warped = nib.load(str(case / "case003_warped.nii.gz"))
+        assert np.asarray(warped.dataobj).min() > -1  # the MR (raw, non-negative), not CT in HU (air -1000), moves
+    assert np.abs(ddfs["mri2ct"]).max() > 0.01
+    assert not np.allclose(ddfs["mri2ct"], ddfs["ct2mri_weights"], atol=1e-3)
+
+
 def test_io_iterations_0_gives_exactly_the_network_field_and_io_refines_it(trained, phantoms, tmp_path):
     """`--io_iterations 0` saves the field of the engine without instance optimisation (`io` None), bit for bit;
     the default (IO on) saves another field, which moves the warped moving CT closer to the fixed MR in MIND-SSC
