@@ -209,9 +209,7 @@ def overview(rows: list[dict], path: Path) -> Path:
     )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return fig_mod.save_figure(fig, path, dpi=80)
 
 
 def table(rows: list[dict]) -> str:
