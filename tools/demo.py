@@ -65,20 +65,14 @@ def one_output(folder: Path, postfix: str) -> Path:
     return found[0]
 
 
-def first_item(datalist: Path, keys: tuple[str, ...]) -> dict:
-    """The first test item of `datalist`, its paths resolved against the datalist's folder.
-
-    Raises:
-        SystemExit: the datalist is missing (with the make target that builds it).
-    """
-    if not datalist.is_file():
-        raise SystemExit(f"error: {datalist} not found: run `make demo` (it builds the sample data first)")
-    return benchmark.load_pairs(datalist, datalist.parent, "test", keys)[0]
+def lr_x4_datalist(sr_datalist: Path) -> Path:
+    """rem_sr's ×4 inference datalist, beside its HR datalist (``fetch_sample_data.py`` writes both)."""
+    return sr_datalist.parent / "datalist_lr_x4.json"
 
 
 def sr_step(args, out: Path) -> dict:
     """rem_sr inference on the ×4 test brain, then PSNR in the brain of trilinear, B-spline and REM."""
-    lr_datalist = args.sr_datalist.parent / "datalist_lr_x4.json"
+    lr_datalist = lr_x4_datalist(args.sr_datalist)
     seconds = run_inference(
         "rem_sr", out, {"datalist": str(lr_datalist), "dataset_dir": str(lr_datalist.parent)}, args.threads
     )
@@ -103,28 +97,26 @@ def registration_step(bundle: str, datalist: Path, case: str, args, out: Path) -
     """One registration bundle on the first test pair of `datalist`: its outputs, and Dice against identity (and
     elastix with .venv-peers)."""
     keys = ("moving_image", "fixed_image", "moving_label", "fixed_label")
-    pair = first_item(datalist, keys)
+    pair = benchmark.load_pairs(datalist, datalist.parent, "test", keys)[0]
     overrides = {k: pair[k] for k in ("moving_image", "fixed_image", "moving_label")}
     seconds = run_inference(bundle, out, overrides, args.threads)
     fixed_label = nib.load(pair["fixed_label"])
     affine, shape = fixed_label.affine, fixed_label.shape[:3]
     fixed_ids = np.asarray(fixed_label.dataobj).astype(np.int64)
     moving_ids = benchmark.labels_on_grid(nib.load(pair["moving_label"]), affine, shape)
+
+    def dice_of(ddf: np.ndarray) -> float:
+        return benchmark.registration_metrics(ddf, moving_ids, fixed_ids, affine, surface=False)[0]["dice"]
+
     field = benchmark.itk_field_to_ddf(nib.load(str(one_output(out, "ddf_itk"))), affine, shape)
-    dice = {
-        bundle: benchmark.registration_metrics(field, moving_ids, fixed_ids, affine, surface=False)[0]["dice"],
-        "identity": benchmark.registration_metrics(np.zeros_like(field), moving_ids, fixed_ids, affine, surface=False)[
-            0
-        ]["dice"],
-    }
+    dice = {bundle: dice_of(field), "identity": dice_of(np.zeros_like(field))}
     baselines = f"identity {dice['identity']:.4f}"
     if benchmark.PEERS_PYTHON.is_file():
         work = out / "elastix"
         work.mkdir(parents=True, exist_ok=True)
         peer_pair = benchmark.upsampled_pair(pair, work)
         peer_field, _ = benchmark.run_peer_method("elastix", peer_pair, work, args.threads)
-        ddf = benchmark.itk_field_to_ddf(nib.load(str(peer_field)), affine, shape)
-        dice["elastix"] = benchmark.registration_metrics(ddf, moving_ids, fixed_ids, affine, surface=False)[0]["dice"]
+        dice["elastix"] = dice_of(benchmark.itk_field_to_ddf(nib.load(str(peer_field)), affine, shape))
         baselines += f", elastix {dice['elastix']:.4f}"
     else:
         baselines += " (elastix: `make peers-venv`)"
@@ -182,20 +174,20 @@ def overview(rows: list[dict], path: Path) -> Path:
     panel(axes[0, 1], ras(sr["files"]["sr"]), z, f"rem_sr: SR output ({sr['metric']})", vmax=vmax)
     panel(axes[0, 2], hr, z, "rem_sr: HR reference", vmax=vmax)
 
-    for row, (name, moving_name) in enumerate((("refdrn", "moving"), ("f3rnet_ct_mri", "moving CT")), start=1):
+    def soft_tissue(ct: np.ndarray) -> np.ndarray:  # CT in HU: a soft-tissue window
+        return np.clip(ct + 160.0, 0, 400)
+
+    rows_spec = (
+        ("refdrn", "fixed (SR)", "moving (SR)", lambda v: v),
+        ("f3rnet_ct_mri", "fixed MR", "moving CT", soft_tissue),
+    )
+    for row, (name, fixed_title, moving_title, moving_window) in enumerate(rows_spec, start=1):
         r = by_bundle[name]
         f = r["files"]
         fixed, fixed_label = ras(f["fixed"]), ras(f["fixed_label"])
         z = int(np.argmax((fixed_label > 0).sum(axis=(0, 1))))  # the slice with the most labelled tissue
-        fixed_name = "fixed (SR)" if name == "refdrn" else "fixed MR"
-        moving_title = "moving (SR)" if name == "refdrn" else moving_name
-        panel(axes[row, 0], fixed, z, f"{name}: {fixed_name} + its labels", fixed_label)
-        moving = ras(f["moving"])
-        if name == "f3rnet_ct_mri":  # CT in HU: a soft-tissue window
-            moving = np.clip(moving + 160.0, 0, 400)
-            warped = np.clip(ras(f["warped"]) + 160.0, 0, 400)
-        else:
-            warped = ras(f["warped"])
+        panel(axes[row, 0], fixed, z, f"{name}: {fixed_title} + its labels", fixed_label)
+        moving, warped = moving_window(ras(f["moving"])), moving_window(ras(f["warped"]))
         moving_label = ras(f["moving_label"])
         if moving_label.shape == moving.shape:
             panel(axes[row, 1], moving, z, f"{name}: {moving_title} + its labels", moving_label)
@@ -239,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phantoms_datalist", type=Path, default=DATA / "abdomen_phantoms" / "datalist_ct2mri.json")
     args = parser.parse_args(argv)
     out = args.output_dir.resolve()
-    for path in (args.sr_datalist, args.brain_pairs_datalist, args.phantoms_datalist):
+    datalists = (args.sr_datalist, lr_x4_datalist(args.sr_datalist), args.brain_pairs_datalist, args.phantoms_datalist)
+    for path in datalists:  # all checked before anything runs
         if not path.is_file():
             raise SystemExit(f"error: {path} not found: run `make demo` (it builds the sample data first)")
     rows = [

